@@ -1,0 +1,1 @@
+"""The command line: thin typer modules over portllm_cli.core."""

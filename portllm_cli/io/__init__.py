@@ -1,0 +1,1 @@
+"""Shard-by-shard tensor reading and writing, and atomic output directories."""

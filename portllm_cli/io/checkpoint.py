@@ -1,0 +1,274 @@
+"""A model checkpoint on disk, read one tensor at a time.
+
+A checkpoint is a directory with ``config.json`` and either ``model.safetensors`` or sharded
+``model-0000X-of-0000N.safetensors`` files with ``model.safetensors.index.json``. Pickle-based
+weights (``pytorch_model*.bin``, ``*.pt``) are refused unless ``allow_pickle`` is set, and even
+then are loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from portllm_cli.errors import (
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    UnsafeInputError,
+)
+from portllm_cli.io.safetensors import DTYPES, SafetensorsHeader, TensorInfo, read_header, read_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+
+
+def read_json(path: Path, what: str = "JSON file") -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such {what}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{path}: malformed {what} ({exc})") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"{path}: is a directory, expected a {what}") from None
+
+
+def safe_member(root: Path, name: str, what: str) -> Path:
+    """Resolve a file name taken from an untrusted index or manifest, refusing path traversal."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+        raise UnsafeInputError(f"{what}: refusing file name {name!r} (must be a plain file name inside {root})")
+    return root / name
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    config: dict[str, Any]
+    # tensor name -> (file path, info); info is None for pickle shards (loaded on demand)
+    locations: dict[str, tuple[Path, TensorInfo | None]]
+    files: list[Path]
+    index_file: Path | None
+    is_pickle: bool = False
+    headers: dict[Path, SafetensorsHeader] = field(default_factory=dict)
+    _pickle_cache: dict[Path, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, allow_pickle: bool = False, need_config: bool = True) -> "Checkpoint":
+        root = Path(path)
+        if not root.exists():
+            raise NotFoundError(f"{root}: no such model directory")
+        if not root.is_dir():
+            raise InvalidInputError(f"{root}: expected a model directory, found a file")
+        config_path = root / "config.json"
+        if config_path.exists():
+            config = read_json(config_path, "model config")
+            if not isinstance(config, dict):
+                raise InvalidInputError(f"{config_path}: model config must be a JSON object")
+        elif need_config:
+            raise NotFoundError(
+                f"{root}: no config.json (not a Hugging Face model directory)",
+                hint="pass the directory written by save_pretrained",
+            )
+        else:
+            config = {}
+
+        if (root / SAFE_INDEX).exists() or (root / SAFE_SINGLE).exists():
+            return cls._open_safetensors(root, config)
+        singles = sorted(root.glob("*.safetensors"))
+        if singles:
+            return cls._open_safetensors(root, config, files=singles)
+        pickles = [p for p in (root / PICKLE_INDEX, root / PICKLE_SINGLE) if p.exists()] or sorted(
+            p for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth")
+        )
+        if pickles:
+            if not allow_pickle:
+                raise UnsafeInputError(
+                    f"{root}: weights are pickle files ({pickles[0].name}); portllm does not unpickle by default",
+                    hint="convert them to safetensors, or pass --allow-pickle if you trust their source",
+                )
+            return cls._open_pickle(root, config)
+        if any(p.suffix == ".gguf" for p in root.iterdir()):
+            raise InvalidInputError(
+                f"{root}: holds GGUF weights; portllm reads safetensors",
+                hint="load it with transformers (gguf_file=...) and save_pretrained it once",
+            )
+        raise NotFoundError(f"{root}: no weight files (*.safetensors) found")
+
+    @classmethod
+    def _open_safetensors(cls, root: Path, config: dict[str, Any], files: list[Path] | None = None) -> "Checkpoint":
+        index_file = root / SAFE_INDEX if (root / SAFE_INDEX).exists() else None
+        expected: dict[str, str] | None = None
+        if index_file is not None:
+            index = read_json(index_file, "safetensors index")
+            wm = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise InvalidInputError(f"{index_file}: missing or empty 'weight_map'")
+            expected = {}
+            for name, fname in wm.items():
+                safe_member(root, fname, str(index_file))
+                expected[name] = fname
+            files = [root / f for f in dict.fromkeys(expected.values())]
+        elif files is None:
+            files = [root / SAFE_SINGLE]
+        locations: dict[str, tuple[Path, TensorInfo | None]] = {}
+        headers: dict[Path, SafetensorsHeader] = {}
+        for f in files:
+            if not f.exists():
+                raise NotFoundError(f"{f}: shard listed in the index is missing")
+            h = read_header(f)
+            headers[f] = h
+            for name, info in h.tensors.items():
+                if name in locations:
+                    raise InvalidInputError(f"{root}: tensor {name!r} appears in two shards")
+                locations[name] = (f, info)
+        if expected is not None:
+            for name, fname in expected.items():
+                got = locations.get(name)
+                if got is None or got[0].name != fname:
+                    raise IntegrityError(f"{index_file}: {name!r} is listed in {fname} but not stored there")
+        return cls(root, config, locations, files, index_file, headers=headers)
+
+    @classmethod
+    def _open_pickle(cls, root: Path, config: dict[str, Any]) -> "Checkpoint":
+        index_file = root / PICKLE_INDEX if (root / PICKLE_INDEX).exists() else None
+        if index_file is not None:
+            index = read_json(index_file, "weights index")
+            wm = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise InvalidInputError(f"{index_file}: missing or empty 'weight_map'")
+            files = [safe_member(root, f, str(index_file)) for f in dict.fromkeys(wm.values())]
+        else:
+            single = root / PICKLE_SINGLE
+            files = [single] if single.exists() else sorted(p for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        ckpt = cls(root, config, {}, files, index_file, is_pickle=True)
+        for f in files:
+            for name in ckpt._load_pickle(f):
+                ckpt.locations[name] = (f, None)
+        return ckpt
+
+    def _load_pickle(self, f: Path) -> dict[str, Any]:
+        if f not in self._pickle_cache:
+            import torch
+
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # weights_only refuses arbitrary objects: report, never execute
+                raise UnsafeInputError(f"{f}: cannot be loaded safely with weights_only=True ({exc.__class__.__name__})") from None
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise InvalidInputError(f"{f}: not a state dict of tensors")
+            self._pickle_cache.clear()  # keep one shard mapped at a time
+            self._pickle_cache[f] = sd
+        return self._pickle_cache[f]
+
+    # -- access ----------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.locations
+
+    def names(self) -> list[str]:
+        return list(self.locations)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f, info = self.locations[name]
+        if info is not None:
+            return info.shape
+        return tuple(self._load_pickle(f)[name].shape)
+
+    def dtype(self, name: str) -> str:
+        f, info = self.locations[name]
+        if info is not None:
+            return info.dtype
+        from portllm_cli.io.safetensors import dtype_name
+
+        return dtype_name(self._load_pickle(f)[name].dtype)
+
+    def tensor(self, name: str) -> "torch.Tensor":
+        try:
+            f, info = self.locations[name]
+        except KeyError:
+            raise NotFoundError(f"{self.root}: no tensor {name!r}") from None
+        if info is not None:
+            return read_tensor(f, info)
+        return self._load_pickle(f)[name].clone()
+
+    def iter_file_order(self) -> Iterator[tuple[Path, list[str]]]:
+        """Files in order, each with its tensor names in on-disk order."""
+        for f in self.files:
+            if f in self.headers:
+                yield f, list(self.headers[f].tensors)
+            else:
+                yield f, [n for n, (g, _) in self.locations.items() if g == f]
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def largest_tensor_bytes(self) -> int:
+        return max((i.nbytes for _, i in self.locations.values() if i is not None), default=0)
+
+    def weight_files(self) -> set[Path]:
+        out = set(self.files)
+        if self.index_file is not None:
+            out.add(self.index_file)
+        return out
+
+    def side_files(self) -> list[Path]:
+        """Config, tokenizer, generation and other non-weight files to carry to an output."""
+        skip = {p.name for p in self.weight_files()}
+        out = []
+        for p in sorted(self.root.iterdir()):
+            if p.name in skip or p.name.startswith(".") or not p.is_file():
+                continue
+            if p.suffix in WEIGHT_SUFFIXES or p.name in (SAFE_INDEX, PICKLE_INDEX):
+                continue
+            out.append(p)
+        return out
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language-model part of a config (multimodal configs nest it under text_config)."""
+    tc = config.get("text_config")
+    if isinstance(tc, dict):
+        merged = dict(tc)
+        merged.setdefault("model_type", config.get("model_type"))
+        return merged
+    return config
+
+
+FINGERPRINT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "head_dim",
+    "tie_word_embeddings",
+)
+
+
+def architecture_fingerprint(config: dict[str, Any], module_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    tc = text_config(config)
+    fp: dict[str, Any] = {
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+    }
+    for k in FINGERPRINT_FIELDS:
+        if k in tc:
+            fp[k] = tc[k]
+    if module_shapes is not None:
+        fp["modules"] = {k: list(v) for k, v in sorted(module_shapes.items())}
+    return fp
+
+
+def known_dtype_names() -> list[str]:
+    return list(DTYPES)

@@ -1,0 +1,303 @@
+"""Validated, streaming access to safetensors files: one tensor at a time, never the whole file.
+
+The header is parsed and checked here (not trusted): offsets must lie inside the file, be
+contiguous and match dtype x shape, so a file that lies about its layout is refused before
+any byte of it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from portllm_cli.errors import IntegrityError, InvalidInputError, NotFoundError
+
+if TYPE_CHECKING:  # torch is imported lazily so that --help stays instant
+    import torch
+
+# dtype name -> (bytes per element, torch dtype attribute name)
+DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
+    "U16": (2, "uint16"),
+    "U32": (4, "uint32"),
+    "U64": (8, "uint64"),
+    "BOOL": (1, "bool"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+}
+
+MAX_HEADER_BYTES = 100_000_000  # same cap as the safetensors library
+COPY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset of the data in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    header_len: int  # length of the JSON header, excluding the 8-byte length prefix
+    tensors: dict[str, TensorInfo]  # in file order
+    metadata: dict[str, str]
+    file_size: int
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    try:
+        return getattr(torch, DTYPES[name][1])
+    except (KeyError, AttributeError):
+        raise InvalidInputError(f"unsupported safetensors dtype {name!r}") from None
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    attr = str(dtype).removeprefix("torch.")
+    for name, (_, a) in DTYPES.items():
+        if a == attr:
+            return name
+    raise InvalidInputError(f"dtype {dtype} cannot be stored in safetensors by portllm")
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file without reading its data."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise InvalidInputError(f"{path}: not a safetensors file (empty or truncated header)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise InvalidInputError(
+                    f"{path}: corrupt safetensors header (header length {n} for a {size}-byte file)"
+                )
+            raw = fh.read(n)
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"{path}: is a directory, expected a safetensors file") from None
+    except PermissionError:
+        raise InvalidInputError(f"{path}: permission denied") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from None
+    if not isinstance(doc, dict):
+        raise InvalidInputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InvalidInputError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    data_len = size - data_start
+    entries: list[TensorInfo] = []
+    for name, spec in doc.items():
+        if not isinstance(spec, dict):
+            raise InvalidInputError(f"{path}: tensor {name!r}: entry is not an object")
+        dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if dtype not in DTYPES:
+            raise InvalidInputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise InvalidInputError(f"{path}: tensor {name!r}: bad shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise InvalidInputError(f"{path}: tensor {name!r}: bad data_offsets {offsets!r}")
+        b, e = offsets
+        expected = math.prod(shape) * DTYPES[dtype][0]
+        if not (0 <= b <= e) or e - b != expected:
+            raise IntegrityError(
+                f"{path}: tensor {name!r}: header says {dtype} {shape} ({expected} bytes) "
+                f"but its offsets span {e - b} bytes"
+            )
+        if e > data_len:
+            raise IntegrityError(
+                f"{path}: tensor {name!r} ends at byte {e} of a {data_len}-byte data section "
+                "(truncated file or lying header)"
+            )
+        entries.append(TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e))
+    entries.sort(key=lambda t: (t.begin, t.end))
+    cursor = data_start
+    for t in entries:
+        if t.begin != cursor:
+            raise IntegrityError(
+                f"{path}: tensor {t.name!r}: data offsets overlap or leave a gap (starts at "
+                f"{t.begin - data_start}, expected {cursor - data_start})"
+            )
+        cursor = t.end
+    if cursor != size:
+        raise IntegrityError(
+            f"{path}: {size - cursor} unexpected trailing bytes after the last tensor"
+        )
+    return SafetensorsHeader(path, n, {t.name: t for t in entries}, dict(metadata), size)
+
+
+def read_tensor(path: str | os.PathLike[str], info: TensorInfo) -> "torch.Tensor":
+    """Read one tensor with a plain pread (no mmap, so resident memory stays one tensor)."""
+    import torch
+
+    dtype = torch_dtype(info.dtype)
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
+    buf = bytearray(info.nbytes)
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(info.begin)
+        view = memoryview(buf)
+        got = 0
+        while got < info.nbytes:
+            n = fh.readinto(view[got:])
+            if not n:
+                raise IntegrityError(f"{path}: truncated while reading tensor {info.name!r}")
+            got += n
+    return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+
+def tensor_bytes(tensor: "torch.Tensor") -> memoryview:
+    """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    t = tensor.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    import torch
+
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()).cast("B")
+
+
+def encode_header(
+    specs: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Build a safetensors header for tensors written in the given order.
+
+    Returns the full prefix (8-byte length + padded JSON) and each tensor's relative offsets.
+    """
+    doc: dict[str, Any] = {}
+    if metadata:
+        doc["__metadata__"] = dict(metadata)
+    offsets: dict[str, tuple[int, int]] = {}
+    cursor = 0
+    for name, dtype, shape in specs:
+        if name in offsets:
+            raise InvalidInputError(f"duplicate tensor name {name!r}")
+        n = math.prod(shape) * DTYPES[dtype][0]
+        offsets[name] = (cursor, cursor + n)
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + n]}
+        cursor += n
+    raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((8 - len(raw) % 8) % 8)  # the data section starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, once the names, dtypes and shapes are known."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        specs: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._order = [s[0] for s in specs]
+        self._specs = {s[0]: s for s in specs}
+        prefix, self._offsets = encode_header(specs, metadata)
+        self._fh = open(self.path, "wb")
+        self._fh.write(prefix)
+        self._next = 0
+
+    def write(self, name: str, tensor: "torch.Tensor") -> None:
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            raise RuntimeError(f"tensors must be written in header order; got {name!r}")
+        _, dtype, shape = self._specs[name]
+        if tuple(tensor.shape) != tuple(shape) or dtype_name(tensor.dtype) != dtype:
+            raise RuntimeError(f"tensor {name!r} does not match its declared {dtype} {shape}")
+        self._fh.write(tensor_bytes(tensor))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            self._fh.close()
+            raise RuntimeError(f"{self.path}: only {self._next} of {len(self._order)} tensors written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._fh.close()
+
+
+def save_tensors(
+    path: str | os.PathLike[str], tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a small dict of tensors (e.g. LoRA factors), names in sorted order like safetensors does."""
+    meta = {"format": "pt", **(metadata or {})}
+    names = sorted(tensors)
+    specs = [(n, dtype_name(tensors[n].dtype), tuple(tensors[n].shape)) for n in names]
+    with SafetensorsWriter(path, specs, meta) as w:
+        for n in names:
+            w.write(n, tensors[n])
+
+
+def load_tensors(path: str | os.PathLike[str]) -> dict[str, "torch.Tensor"]:
+    """Read every tensor of a (small) validated safetensors file."""
+    header = read_header(path)
+    return {name: read_tensor(path, info) for name, info in header.tensors.items()}
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Copy bytes between two open files at the same offset, in the kernel where possible."""
+    done = 0
+    while done < length:
+        n = min(COPY_CHUNK, length - done)
+        try:
+            moved = os.copy_file_range(src_fd, dst_fd, n, offset + done, offset + done)
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (18, 22, 38, 95):  # EXDEV EINVAL ENOSYS EOPNOTSUPP
+                raise
+            data = os.pread(src_fd, n, offset + done)
+            moved = os.pwrite(dst_fd, data, offset + done)
+        if moved == 0:
+            raise IntegrityError("source file ended early while copying")
+        done += moved

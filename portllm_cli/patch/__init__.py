@@ -1,0 +1,1 @@
+"""The patch format (see format.py)."""

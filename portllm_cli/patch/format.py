@@ -1,0 +1,407 @@
+"""The one place that reads and writes a portllm patch.
+
+A patch is a directory that PEFT loads unchanged:
+
+    adapter_config.json          PEFT LoraConfig (peft_type LORA)
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight / .lora_B.weight
+    portllm.json                 the manifest: where the patch came from and what it fits
+
+The manifest (``format: portllm-patch``, ``format_version: 1``) is specified in the README.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from portllm_cli import __version__
+from portllm_cli.errors import (
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    UnsupportedError,
+)
+from portllm_cli.io.checkpoint import read_json
+from portllm_cli.io.safetensors import load_tensors, read_header, save_tensors
+
+if TYPE_CHECKING:
+    import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST = "portllm.json"
+FORMAT_NAME = "portllm-patch"
+FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+
+_KEY_RE = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$"
+    r"|^(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_]+)?$"
+)
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: delta W = scale * B @ A (transposed for embeddings / fan_in_fan_out)."""
+
+    name: str  # module path in the model, e.g. model.layers.0.self_attn.q_proj
+    A: "torch.Tensor"  # (r, in)   for embeddings: (r, num_embeddings)
+    B: "torch.Tensor"  # (out, r)  for embeddings: (dim, r)
+    alpha: float
+    use_rslora: bool = False
+    kind: str = "linear"  # "linear" or "embedding"
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape of the model weight this module adds to."""
+        out_dim, in_dim = int(self.B.shape[0]), int(self.A.shape[1])
+        if self.kind == "embedding" or self.fan_in_fan_out:
+            return (in_dim, out_dim)
+        return (out_dim, in_dim)
+
+    def delta(self, extra_scale: float = 1.0) -> "torch.Tensor":
+        """scale * B @ A in float32, in the layout of the model's weight."""
+        import torch
+
+        d = (self.B.to(torch.float32) @ self.A.to(torch.float32)) * (self.scale * extra_scale)
+        if self.kind == "embedding" or self.fan_in_fan_out:
+            d = d.T.contiguous()
+        return d
+
+
+@dataclass
+class Patch:
+    path: Path
+    config: dict[str, Any]
+    manifest: dict[str, Any]
+    modules: dict[str, LoraModule]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return int(self.config.get("r", 0))
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config["lora_alpha"])
+
+    @property
+    def base_model(self) -> str | None:
+        base = self.manifest.get("base") or {}
+        return base.get("model") or self.config.get("base_model_name_or_path")
+
+    @property
+    def has_manifest(self) -> bool:
+        return bool(self.manifest)
+
+    def touches_embeddings(self) -> bool:
+        return any(m.kind == "embedding" or "embed" in m.name or "lm_head" in m.name for m in self.modules.values())
+
+
+# -- hashing --------------------------------------------------------------------------------
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+# -- PEFT pattern matching (same rule as peft.utils.other.get_pattern_key) --------------------
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def is_patch_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+# -- reading --------------------------------------------------------------------------------
+def _validate_config(cfg: Any, where: Path) -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        raise InvalidInputError(f"{where}: adapter config must be a JSON object")
+    peft_type = cfg.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise UnsupportedError(f"{where}: peft_type {peft_type!r} is not a LoRA adapter; portllm ports LoRA patches")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise InvalidInputError(f"{where}: 'r' must be a positive integer, got {r!r}")
+    if "lora_alpha" not in cfg:
+        raise InvalidInputError(f"{where}: 'lora_alpha' is missing")
+    a = cfg["lora_alpha"]
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+        raise InvalidInputError(f"{where}: 'lora_alpha' must be a number, got {a!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(key) or {}
+        if not isinstance(v, dict):
+            raise InvalidInputError(f"{where}: {key!r} must be an object")
+    if cfg.get("use_dora"):
+        raise UnsupportedError(f"{where}: DoRA adapters cannot be merged linearly; portllm supports plain LoRA")
+    if cfg.get("lora_bias"):
+        raise UnsupportedError(f"{where}: adapters with lora_bias are not supported")
+    if cfg.get("modules_to_save"):
+        raise UnsupportedError(
+            f"{where}: modules_to_save {cfg['modules_to_save']!r} stores full weights, not a low-rank patch"
+        )
+    tm = cfg.get("target_modules")
+    if tm is not None and not isinstance(tm, (list, str)):
+        raise InvalidInputError(f"{where}: 'target_modules' must be a list or a string")
+    return cfg
+
+
+def parse_modules(
+    tensors: dict[str, "torch.Tensor"], cfg: dict[str, Any], where: Path
+) -> dict[str, LoraModule]:
+    import torch
+
+    parts: dict[str, dict[str, "torch.Tensor"]] = {}
+    kinds: dict[str, str] = {}
+    for key, t in tensors.items():
+        m = _KEY_RE.match(key)
+        if not m:
+            raise InvalidInputError(f"{where}: unknown tensor key {key!r} (not a LoRA A/B factor)")
+        module = m.group("module") or m.group("emodule")
+        part = m.group("part") or m.group("epart")
+        kind = "embedding" if part.startswith("lora_embedding") else "linear"
+        if module.startswith(PEFT_PREFIX):
+            module = module[len(PEFT_PREFIX):]
+        slot = "A" if part.endswith("A") else "B"
+        if slot in parts.setdefault(module, {}):
+            raise InvalidInputError(f"{where}: duplicate lora_{slot} for module {module!r}")
+        if kinds.setdefault(module, kind) != kind:
+            raise InvalidInputError(f"{where}: module {module!r} mixes embedding and linear factors")
+        if t.ndim != 2:
+            raise InvalidInputError(f"{where}: {key!r} must be 2-D, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise InvalidInputError(f"{where}: {key!r} has non-float dtype {t.dtype}")
+        parts[module][slot] = t
+    if not parts:
+        raise InvalidInputError(f"{where}: the adapter holds no LoRA factors")
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    modules: dict[str, LoraModule] = {}
+    for module, p in sorted(parts.items()):
+        if "A" not in p or "B" not in p:
+            missing = "lora_B" if "B" not in p else "lora_A"
+            raise InvalidInputError(f"{where}: module {module!r} has no {missing}")
+        A, B = p["A"], p["B"]
+        if kinds[module] == "embedding":
+            r_a, r_b = A.shape[0], B.shape[1]
+        else:
+            r_a, r_b = A.shape[0], B.shape[1]
+        if r_a != r_b:
+            raise InvalidInputError(
+                f"{where}: module {module!r}: lora_A has rank {r_a} but lora_B has rank {r_b}"
+            )
+        expected_r = _pattern_value(rank_pattern, module, cfg["r"])
+        if r_a != expected_r:
+            raise InvalidInputError(
+                f"{where}: module {module!r}: factors have rank {r_a} but the config says r={expected_r}"
+            )
+        for slot, t in (("A", A), ("B", B)):
+            bad = ~torch.isfinite(t.to(torch.float32))
+            if bool(bad.any()):
+                raise IntegrityError(
+                    f"{where}: module {module!r}: lora_{slot} holds NaN or Inf ({int(bad.sum())} values)"
+                )
+        modules[module] = LoraModule(
+            name=module,
+            A=A,
+            B=B,
+            alpha=float(_pattern_value(alpha_pattern, module, cfg["lora_alpha"])),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            kind=kinds[module],
+            fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        )
+    return modules
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        return {}
+    doc = read_json(mpath, "patch manifest")
+    if not isinstance(doc, dict):
+        raise InvalidInputError(f"{mpath}: manifest must be a JSON object")
+    if doc.get("format") != FORMAT_NAME:
+        raise InvalidInputError(f"{mpath}: not a portllm manifest (format={doc.get('format')!r})")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InvalidInputError(f"{mpath}: 'format_version' must be an integer")
+    if version > FORMAT_VERSION:
+        raise UnsupportedError(
+            f"{mpath}: patch format version {version} is newer than this portllm understands ({FORMAT_VERSION})",
+            hint="upgrade portllm: pip install -U portllm-cli",
+        )
+    tensors = doc.get("tensors")
+    if not isinstance(tensors, dict) or not isinstance(tensors.get("sha256"), str):
+        raise InvalidInputError(f"{mpath}: manifest lacks tensors.sha256")
+    if tensors.get("file", ADAPTER_WEIGHTS) != ADAPTER_WEIGHTS:
+        raise InvalidInputError(f"{mpath}: tensors.file must be {ADAPTER_WEIGHTS!r}")
+    for key in ("base", "lora"):
+        if key in doc and not isinstance(doc[key], dict):
+            raise InvalidInputError(f"{mpath}: {key!r} must be an object")
+    return doc
+
+
+def read_patch(path: str | os.PathLike[str], *, verify: bool = True) -> Patch:
+    """Read and validate a patch directory (or a plain PEFT adapter directory)."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{path}: no such patch directory")
+    if not path.is_dir():
+        raise InvalidInputError(f"{path}: expected a patch directory, found a file")
+    cfg_path = path / ADAPTER_CONFIG
+    if not cfg_path.exists():
+        raise NotFoundError(f"{path}: not a patch (no {ADAPTER_CONFIG})")
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.exists():
+        if (path / "adapter_model.bin").exists():
+            raise UnsupportedError(
+                f"{path}: adapter weights are a pickle file (adapter_model.bin)",
+                hint="re-save the adapter with safe_serialization=True",
+            )
+        raise NotFoundError(f"{path}: no {ADAPTER_WEIGHTS}")
+    cfg = _validate_config(read_json(cfg_path, "adapter config"), cfg_path)
+    manifest = read_manifest(path)
+    warnings: list[str] = []
+    if manifest:
+        if verify:
+            digest = sha256_file(weights)
+            if digest != manifest["tensors"]["sha256"]:
+                raise IntegrityError(
+                    f"{weights}: sha256 {digest[:12]}… does not match the manifest's {manifest['tensors']['sha256'][:12]}…",
+                    hint="the patch was modified or corrupted; pass --no-verify only if you know why",
+                )
+    else:
+        warnings.append(f"{path}: no {MANIFEST}; a plain PEFT adapter (not integrity-checked)")
+    read_header(weights)  # validates the layout before any tensor is read
+    tensors = load_tensors(weights)
+    modules = parse_modules(tensors, cfg, weights)
+    return Patch(path, cfg, manifest, modules, warnings)
+
+
+# -- writing --------------------------------------------------------------------------------
+def peft_key(module: str, slot: str, kind: str = "linear") -> str:
+    if kind == "embedding":
+        return f"{PEFT_PREFIX}{module}.lora_embedding_{slot}"
+    return f"{PEFT_PREFIX}{module}.lora_{slot}.weight"
+
+
+def adapter_config(
+    *,
+    base_model: str,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    fan_in_fan_out: bool = False,
+) -> dict[str, Any]:
+    """A LoraConfig dict that PEFT's PeftModel.from_pretrained accepts."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(target_modules),
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": use_rslora,
+        "use_dora": False,
+        "rank_pattern": rank_pattern or {},
+        "alpha_pattern": alpha_pattern or {},
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def build_manifest(
+    *,
+    base: dict[str, Any],
+    lora: dict[str, Any],
+    source: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "portllm_version": __version__,
+        "created": now_iso(),
+        "base": base,
+        "lora": lora,
+        "source": source,
+        "tensors": {"file": ADAPTER_WEIGHTS, "sha256": ""},
+    }
+    for k, v in (extra or {}).items():
+        doc[k] = v
+    return doc
+
+
+def write_patch_files(
+    out_dir: Path,
+    tensors: dict[str, "torch.Tensor"],
+    config: dict[str, Any],
+    manifest: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the three files into an (already temporary) directory; returns the final manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(out_dir / ADAPTER_WEIGHTS, tensors)
+    manifest = dict(manifest)
+    manifest["tensors"] = {"file": ADAPTER_WEIGHTS, "sha256": sha256_file(out_dir / ADAPTER_WEIGHTS)}
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def patch_tensors(modules: dict[str, LoraModule], b_scale: float = 1.0) -> dict[str, "torch.Tensor"]:
+    """PEFT-named tensors for a set of modules (B optionally rescaled, e.g. for --scale)."""
+    out = {}
+    for m in modules.values():
+        out[peft_key(m.name, "A", m.kind)] = m.A.contiguous()
+        B = m.B if b_scale == 1.0 else (m.B.to(_f32()) * b_scale).to(m.B.dtype)
+        out[peft_key(m.name, "B", m.kind)] = B.contiguous()
+    return out
+
+
+def _f32():
+    import torch
+
+    return torch.float32
+
+
+def short_module_kind(module: str) -> str:
+    """q_proj / v_proj / mlp / embeddings ... : the last name component."""
+    return module.rsplit(".", 1)[-1]

@@ -1,0 +1,114 @@
+"""Turn a --model / --patch argument into a local directory, in one place for every command.
+
+A spec is a local path, ``user/repo`` or ``user/repo@revision``. Local paths win when they
+exist; anything else that looks like a repo id goes to the Hub (see portllm_cli.hub).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from portllm_cli.errors import NotFoundError
+
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    spec: str  # what the user typed
+    path: Path  # local directory
+    repo_id: str | None = None  # set when it came from the Hub
+    revision: str | None = None  # the commit it resolved to, for Hub specs
+
+    @property
+    def display(self) -> str:
+        if self.repo_id:
+            return f"{self.repo_id}@{self.revision}" if self.revision else self.repo_id
+        return str(self.path)
+
+    @property
+    def record_id(self) -> str:
+        """What a manifest records as the model: the repo id, or the absolute local path."""
+        return self.repo_id or str(self.path.resolve())
+
+
+def split_revision(spec: str) -> tuple[str, str | None]:
+    if "@" in spec:
+        repo, rev = spec.split("@", 1)
+        return repo, rev or None
+    return spec, None
+
+
+def looks_like_repo_id(spec: str) -> bool:
+    return bool(_REPO_RE.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def resolve(spec: str, *, kind: str, revision: str | None = None) -> Resolved:
+    """Resolve a model (kind="model") or patch (kind="patch") argument to a local directory."""
+    local = Path(os.path.expanduser(spec))
+    if local.exists() or not looks_like_repo_id(spec):
+        if not local.exists():
+            raise NotFoundError(f"{spec}: no such {kind} directory")
+        return Resolved(spec, local)
+    from portllm_cli import hub
+
+    repo_id, rev = split_revision(spec)
+    return hub.download(repo_id, revision=revision or rev, kind=kind, spec=spec)
+
+
+# -- content hashes of local models (cached: hashing a large model is not free) ----------------
+def _cache_dir() -> Path:
+    root = os.environ.get("PORTLLM_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "portllm"
+    )
+    return Path(root)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, cached by (path, size, mtime) under the portllm cache directory."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    cache = _cache_dir() / "hashes" / key
+    try:
+        return cache.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(16 << 20):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(digest)
+    except OSError:
+        pass  # a read-only home is no reason to fail
+    return digest
+
+
+def content_hash(files: list[Path]) -> str:
+    """A hash of a model's weights: sha256 over the sorted (file name, file sha256) pairs."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda p: p.name):
+        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def model_record(res: Resolved, ckpt: Any, module_shapes: dict[str, list[int]] | None = None, *, hash_weights: bool = True) -> dict[str, Any]:
+    """The manifest's record of a model: id, revision or content hash, architecture fingerprint."""
+    from portllm_cli.io.checkpoint import architecture_fingerprint
+
+    rec: dict[str, Any] = {"model": res.record_id, "revision": res.revision}
+    rec["content_hash"] = content_hash(list(ckpt.files)) if hash_weights else None
+    rec["fingerprint"] = architecture_fingerprint(ckpt.config, module_shapes)
+    return rec
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, indent=2, sort_keys=False)
