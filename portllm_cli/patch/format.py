@@ -177,13 +177,19 @@ def _validate_config(cfg: Any, where: Path) -> dict[str, Any]:
 
 
 def parse_modules(
-    tensors: dict[str, "torch.Tensor"], cfg: dict[str, Any], where: Path
+    tensors: dict[str, "torch.Tensor"], cfg: dict[str, Any], where: Path, warnings: list[str] | None = None
 ) -> dict[str, LoraModule]:
     import torch
 
     parts: dict[str, dict[str, "torch.Tensor"]] = {}
     kinds: dict[str, str] = {}
     for key, t in tensors.items():
+        if key.endswith(".base_layer.weight"):
+            # PEFT's save_embedding_layers stores the *old* base's full embedding matrix; carrying
+            # it to an evolved model would undo the update, so it is never part of a patch.
+            if warnings is not None:
+                warnings.append(f"{where}: ignoring {key} (a full copy of the old base's weights, not a LoRA factor)")
+            continue
         m = _KEY_RE.match(key)
         if not m:
             raise InvalidInputError(f"{where}: unknown tensor key {key!r} (not a LoRA A/B factor)")
@@ -304,7 +310,7 @@ def read_patch(path: str | os.PathLike[str], *, verify: bool = True) -> Patch:
         warnings.append(f"{path}: no {MANIFEST}; a plain PEFT adapter (not integrity-checked)")
     read_header(weights)  # validates the layout before any tensor is read
     tensors = load_tensors(weights)
-    modules = parse_modules(tensors, cfg, weights)
+    modules = parse_modules(tensors, cfg, weights, warnings)
     return Patch(path, cfg, manifest, modules, warnings)
 
 
