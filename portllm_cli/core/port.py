@@ -196,6 +196,35 @@ def _same_bytes(a_fd: int, b_fd: int, begin: int, end: int) -> int | None:
     return None
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _BackgroundSync:
+    """fsync finished shards in a thread while the next one is written (fsync releases the GIL),
+    so the output is on disk before it is renamed into place without serialising the writeback."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="portllm-fsync")
+        self._futures: list = []
+
+    def submit(self, path: Path) -> None:
+        self._futures.append(self._pool.submit(_fsync_path, path))
+
+    def wait(self) -> None:
+        try:
+            for f in self._futures:
+                f.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 # -- merged output ----------------------------------------------------------------------------
 def _targets_by_file(plan: PortPlan, patch: Patch) -> dict[Path, list[tuple[str, LoraModule]]]:
     by_file: dict[Path, list[tuple[str, LoraModule]]] = {}
@@ -220,7 +249,6 @@ def _port_safetensors_shard(
             cursor = info.end
         _copy_span(fs.fileno(), fd.fileno(), cursor, size, tick)
         os.ftruncate(fd.fileno(), size)  # a zero-length tail range still leaves the file whole
-        os.fsync(fd.fileno())
 
 
 def _verify_safetensors_shard(
@@ -326,12 +354,17 @@ def port_merged(
             shard_names, written = _port_pickle(plan, patch, tmp, scale, verify, tick)
         else:
             shard_names, written = [], 0
-            for f in ckpt.files:
-                header = ckpt.headers[f]
-                targets = [(header.tensors[k], m) for k, m in by_file.get(f, [])]
-                _port_safetensors_shard(f, tmp / f.name, targets, scale, tick)
-                shard_names.append(f.name)
-                written += f.stat().st_size
+            syncer = _BackgroundSync()
+            try:
+                for f in ckpt.files:
+                    header = ckpt.headers[f]
+                    targets = [(header.tensors[k], m) for k, m in by_file.get(f, [])]
+                    _port_safetensors_shard(f, tmp / f.name, targets, scale, tick)
+                    syncer.submit(tmp / f.name)
+                    shard_names.append(f.name)
+                    written += f.stat().st_size
+            finally:
+                syncer.wait()
             if ckpt.index_file is not None:
                 copy_file(ckpt.index_file, tmp / ckpt.index_file.name)
                 written += ckpt.index_file.stat().st_size
