@@ -533,6 +533,7 @@ def _unrepresented_changes(ft: Checkpoint, bs: Checkpoint, picked: set[str]) -> 
     import torch
 
     changed: list[str] = []
+    untargeted: list[str] = []
     shape_changed: list[str] = []
     only_ft: list[str] = []
     base_names = set(bs.names())
@@ -547,7 +548,8 @@ def _unrepresented_changes(ft: Checkpoint, bs: Checkpoint, picked: set[str]) -> 
             shape_changed.append(f"{key} {tuple(bs.shape(key))} -> {tuple(ft.shape(key))}")
             continue
         if not torch.equal(ft.tensor(key), bs.tensor(key)):
-            changed.append(key)
+            linear = module is not None and len(ft.shape(key)) == 2 and _is_default_linear(module)
+            (untargeted if linear else changed).append(key)
     out = []
 
     def _list(items: list[str]) -> str:
@@ -555,6 +557,10 @@ def _unrepresented_changes(ft: Checkpoint, bs: Checkpoint, picked: set[str]) -> 
 
     if changed:
         out.append(f"{len(changed)} tensor(s) changed but are not in the patch (a LoRA patch cannot carry them): {_list(changed)}")
+    if untargeted:
+        out.append(
+            f"{len(untargeted)} linear weight(s) changed but were not targeted (add them with --target-modules): {_list(untargeted)}"
+        )
     if shape_changed:
         out.append(f"{len(shape_changed)} tensor(s) changed shape and are not in the patch: {_list(shape_changed)}")
     if only_ft:
