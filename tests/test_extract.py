@@ -470,3 +470,20 @@ def test_svd_existing_out_needs_overwrite(tmp_path, llama_dir, lowrank_ft_dir):
     r = cli("extract", lowrank_ft_dir, "--base", llama_dir, "--rank", "3", "--out", out, "--overwrite")
     assert r.exit_code == 0, r.stderr
     assert "Wrote" in r.stdout and "relative error" in r.stdout
+
+
+def test_svd_rank_clamped_per_module_uses_rank_pattern(tmp_path, llama_dir, llama_evolved_dir):
+    out = tmp_path / "p"
+    res = extract_svd(
+        Resolved(str(llama_evolved_dir), llama_evolved_dir), Resolved(str(llama_dir), llama_dir), out,
+        rank=20, target_modules=["q_proj", "k_proj"],
+    )
+    # k_proj is 16 x 32: rank 20 is clamped to 16, which is exact
+    k0, q0 = "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"
+    assert res.ranks[k0] == 16 and res.ranks[q0] == 20 and res.rank == 20
+    assert res.per_module_error[k0] < 1e-5 and res.per_module_error[q0] > 1e-3
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 20 and cfg["rank_pattern"] == {m: 16 for m in res.ranks if "k_proj" in m}
+    ft = load_weights(llama_evolved_dir)
+    merged = merged_weights(llama_dir, out)
+    torch.testing.assert_close(merged[f"{k0}.weight"], ft[f"{k0}.weight"], rtol=0, atol=1e-5)

@@ -23,6 +23,7 @@ from portllm_cli.errors import (
     InvalidInputError,
     NotFoundError,
     PortllmError,
+    UnsupportedError,
     UsageError,
 )
 from portllm_cli.io.atomic import atomic_output_dir
@@ -43,6 +44,8 @@ KNOWN_LINEAR = frozenset(
         "w1", "w2", "w3", "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "Wqkv", "out_proj",
     }
 )
+_CONV1D = frozenset({"c_attn", "c_proj", "c_fc"})
+_CONV1D_MODELS = frozenset({"gpt2", "openai-gpt"})
 _NOT_LINEAR = ("embed", "lm_head", "norm", "wte", "wpe")
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
@@ -344,7 +347,12 @@ class _ModuleFactors:
 
 
 def factorize_delta(
-    delta: "torch.Tensor", *, rank: int | None = None, energy: float | None = None, dtype: str = "float32", kind: str = "linear"
+    delta: "torch.Tensor",
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    dtype: str = "float32",
+    kind: str = "linear",
 ) -> _ModuleFactors:
     """Best rank-k factors of an fp32 delta: B = U_k sqrt(S_k), A = sqrt(S_k) Vh_k (PEFT layout)."""
     import torch
@@ -434,10 +442,19 @@ def extract_svd(
 
     picked = select_modules(ft, target_modules)
     if not picked:
-        what = f"matching --target-modules {','.join(target_modules)}" if target_modules else "(no *_proj weights in transformer layers)"
+        if target_modules:
+            what = f"matching --target-modules {','.join(target_modules)}"
+        else:
+            what = "(no *_proj weights in transformer layers)"
         raise InvalidInputError(
             f"{finetuned.display}: no 2-D linear weights {what}",
             hint="name the modules with --target-modules q_proj,v_proj,...",
+        )
+    is_gpt2 = text_config(ft.config).get("model_type") in _CONV1D_MODELS
+    conv1d = [m for m in picked if is_gpt2 and m.rsplit(".", 1)[-1] in _CONV1D]
+    if conv1d:
+        raise UnsupportedError(
+            f"module {conv1d[0]}: GPT-2 style Conv1D weights are stored transposed; SVD extraction supports nn.Linear layers"
         )
     base_names = set(bs.names())
     for module in picked:
