@@ -487,3 +487,35 @@ def test_svd_rank_clamped_per_module_uses_rank_pattern(tmp_path, llama_dir, llam
     ft = load_weights(llama_evolved_dir)
     merged = merged_weights(llama_dir, out)
     torch.testing.assert_close(merged[f"{k0}.weight"], ft[f"{k0}.weight"], rtol=0, atol=1e-5)
+
+
+def test_adapter_factors_keep_their_dtype(tmp_path, llama_dir, llama_lora_dir):
+    src = shutil.copytree(llama_lora_dir, tmp_path / "lora-bf16")
+    t = {k: v.to(torch.bfloat16) for k, v in load_file(src / "adapter_model.safetensors").items()}
+    save_file(t, src / "adapter_model.safetensors", metadata={"format": "pt"})
+    calls = []
+    extract_adapter(Resolved(str(src), src), tmp_path / "p", progress=lambda *a: calls.append(a))
+    new = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    assert all(new[k].dtype == torch.bfloat16 and torch.equal(new[k], t[k]) for k in t)
+    assert calls[-1] == ("extract", 1, 1)
+
+
+def test_svd_reads_sharded_checkpoints(tmp_path, llama_dir, lowrank_ft_dir):
+    import transformers as tf
+
+    sharded = tmp_path / "ft-sharded"
+    tf.AutoModelForCausalLM.from_pretrained(lowrank_ft_dir, dtype=torch.float32).save_pretrained(
+        sharded, max_shard_size="40KB"
+    )
+    assert (sharded / "model.safetensors.index.json").exists()
+    calls = []
+    res = extract_svd(
+        Resolved(str(sharded), sharded), Resolved(str(llama_dir), llama_dir), tmp_path / "p",
+        rank=3, progress=lambda *a: calls.append(a),
+    )
+    assert set(res.ranks) == set(LOWRANK_MODULES) and res.relative_error < 1e-5
+    assert calls[0] == ("extract", 0, 14) and calls[-1] == ("extract", 14, 14)
+    ft, base = load_weights(lowrank_ft_dir), load_weights(llama_dir)
+    patch = read_patch(tmp_path / "p")
+    for m in LOWRANK_MODULES:
+        torch.testing.assert_close(patch.modules[m].delta(), ft[f"{m}.weight"] - base[f"{m}.weight"], rtol=0, atol=1e-5)
