@@ -115,13 +115,14 @@ class BaseInfo:
     warnings: list[str] = field(default_factory=list)
 
 
-def _resolve_base(spec: str, revision: str | None = None) -> Resolved | None:
+def _resolve_base(spec: str, revision: str | None = None) -> tuple[Resolved | None, str]:
+    """The base, or None and why it could not be had (a missing path, an unreachable Hub ...)."""
     try:
-        return resolve(spec, kind="model", revision=revision)
-    except ImportError:  # no Hub support in this build: treat a remote id as not found here
-        return None
-    except PortllmError:
-        return None
+        return resolve(spec, kind="model", revision=revision), ""
+    except ImportError:  # no Hub support in this build: a remote id cannot be fetched
+        return None, "Hub access is not available"
+    except PortllmError as exc:
+        return None, exc.message
 
 
 def describe_base(
@@ -130,6 +131,7 @@ def describe_base(
     *,
     base_check: bool = True,
     allow_pickle: bool = False,
+    revision: str | None = None,
 ) -> BaseInfo:
     """Find the base, check the patch fits it, and build the manifest's base record.
 
@@ -141,12 +143,12 @@ def describe_base(
             f"{patch.path}: the adapter does not name its base model (no base_model_name_or_path)",
             hint="pass --base MODEL (a local directory or user/repo)",
         )
-    res = spec if isinstance(spec, Resolved) else _resolve_base(spec)
+    res, why = (spec, "") if isinstance(spec, Resolved) else _resolve_base(spec, revision)
     shown = spec.display if isinstance(spec, Resolved) else spec
     if res is None:
         if base_check:
             raise NotFoundError(
-                f"base model {shown!r} not found, so the adapter cannot be checked against it",
+                f"base model {shown!r} not found ({why}), so the adapter cannot be checked against it",
                 hint="pass --base with a local model directory, or --no-base-check to record the id only",
             )
         shapes = {name: list(m.weight_shape) for name, m in patch.modules.items()}
@@ -223,8 +225,11 @@ def write_patch_from_peft_dir(
     """
     if patch is None:
         patch = pf.read_patch(adapter_dir, verify=True)  # verify only bites when a manifest exists
-    spec = base if base is not None else patch.config.get("base_model_name_or_path") or None
-    info = describe_base(patch, spec, base_check=base_check, allow_pickle=allow_pickle)
+    if base is not None:
+        spec, revision = base, None
+    else:  # PEFT records the base's Hub revision next to its id
+        spec, revision = patch.config.get("base_model_name_or_path") or None, patch.config.get("revision") or None
+    info = describe_base(patch, spec, base_check=base_check, allow_pickle=allow_pickle, revision=revision)
     cfg = _clean_adapter_config(patch, info.model)
     fields: dict[str, Any] = {k: patch.manifest[k] for k in ("task", "training", "scores") if k in patch.manifest}
     fields.update({k: v for k, v in (extra or {}).items() if v is not None})
