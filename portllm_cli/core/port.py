@@ -93,8 +93,15 @@ class PortResult:
 
 # -- the merge itself ------------------------------------------------------------------------
 def merge_weight(W: "torch.Tensor", module: LoraModule, scale: float = 1.0) -> "torch.Tensor":
-    """W + scale * module.scale * B @ A, accumulated in float32 and rounded once to W's dtype."""
-    return (W.float() + module.delta(extra_scale=scale)).to(W.dtype)
+    """W + scale * module.scale * B @ A, accumulated in float32 and rounded once to W's dtype.
+
+    Bit for bit ``(W.float() + module.delta(scale)).to(W.dtype)``: W widens to float32 exactly
+    and float addition commutes, so adding W into the delta in place gives the same sum while
+    sparing one full-size float32 buffer.
+    """
+    delta = module.delta(extra_scale=scale)
+    delta.add_(W)  # float32 += W: the sum is computed in float32
+    return delta.to(W.dtype)
 
 
 def merge_into_state_dict(
