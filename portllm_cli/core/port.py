@@ -92,16 +92,40 @@ class PortResult:
 
 
 # -- the merge itself ------------------------------------------------------------------------
-def merge_weight(W: "torch.Tensor", module: LoraModule, scale: float = 1.0) -> "torch.Tensor":
+def merge_weight(
+    W: "torch.Tensor", module: LoraModule, scale: float = 1.0, buffers: "_MergeBuffers | None" = None
+) -> "torch.Tensor":
     """W + scale * module.scale * B @ A, accumulated in float32 and rounded once to W's dtype.
 
     Bit for bit ``(W.float() + module.delta(scale)).to(W.dtype)``: W widens to float32 exactly
     and float addition commutes, so adding W into the delta in place gives the same sum while
-    sparing one full-size float32 buffer.
+    sparing a full-size float32 buffer. With ``buffers`` the delta goes into a reused buffer
+    (the same matmul and multiply, so the same bits) instead of fresh pages each time.
     """
-    delta = module.delta(extra_scale=scale)
+    if buffers is None or module.kind != "linear" or module.fan_in_fan_out:
+        delta = module.delta(extra_scale=scale)
+    else:
+        delta = buffers.delta(module, scale)
     delta.add_(W)  # float32 += W: the sum is computed in float32
     return delta.to(W.dtype)
+
+
+class _MergeBuffers:
+    """One float32 buffer per weight shape, reused across merges (a shard holds many same-shaped
+    weights; fresh multi-megabyte allocations cost a page fault per 4 KiB)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict = {}
+
+    def delta(self, module: LoraModule, scale: float) -> "torch.Tensor":
+        import torch
+
+        shape = (int(module.B.shape[0]), int(module.A.shape[1]))
+        buf = self._bufs.get(shape)
+        if buf is None:
+            buf = self._bufs[shape] = torch.empty(shape, dtype=torch.float32)
+        torch.matmul(module.B.to(torch.float32), module.A.to(torch.float32), out=buf)
+        return buf.mul_(module.scale * scale)
 
 
 def merge_into_state_dict(
@@ -305,6 +329,7 @@ def _port_safetensors_shards(
     """Write every shard: untargeted ranges copied by the worker, merged tensors written here at
     their own offsets (disjoint ranges of the same file, so the two never overlap)."""
     copier = _ShardCopier(tick)
+    buffers = _MergeBuffers()
     fds: list[int] = []
     try:
         for f in ckpt.files:
@@ -313,11 +338,12 @@ def _port_safetensors_shards(
             fd = os.open(tmp / f.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(fd)
             os.ftruncate(fd, header.file_size)
-            merged = copier.submit(f, fd, _untargeted_spans(header.file_size, [t[0] for t in targets]))
+            merges_done = copier.submit(f, fd, _untargeted_spans(header.file_size, [t[0] for t in targets]))
             for info, module in targets:
-                _pwrite_all(fd, tensor_bytes(merge_weight(read_tensor(f, info), module, scale)), info.begin)
+                merged = merge_weight(read_tensor(f, info), module, scale, buffers)
+                _pwrite_all(fd, tensor_bytes(merged), info.begin)
                 tick(info.nbytes)
-            merged.set()
+            merges_done.set()
         copier.finish()
     except BaseException:
         copier.abort()
