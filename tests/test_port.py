@@ -161,8 +161,9 @@ def test_merged_equals_independent_and_peft(built, tmp_path, arch, dtype, shard)
     case = built(arch, dtype, shard)
     target, lora = case["target"], case["lora"]
     out = tmp_path / "out"
-    doc = port_cli(lora, target, out)
+    doc = port_cli(lora, target, out, "--verify")
     assert doc["mode"] == "merged" and doc["modules_merged"] == 4  # q_proj, v_proj x 2 layers
+    assert doc["verified"] is True
 
     got = _model_tensors(out)
     src = _model_tensors(target)
