@@ -577,3 +577,25 @@ def test_vocab_change_with_embedding_patch_exit_3(built, tmp_path):
     res = run("port", "-p", out, "--to", case["target"], "-o", tmp_path / "o")
     assert res.exit_code == 3 and "vocabulary size changed" in res.stderr and "embeddings" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_core_api_with_a_patch_object_or_a_directory(llama, tmp_path):
+    """port_merged takes a read Patch (no overlap) or a directory (copies start before the
+    factors are read): both give the same bytes, and the same as the independent formula."""
+    import torch
+
+    from portllm_cli.core.port import port_merged
+    from portllm_cli.patch.format import read_patch
+    from portllm_cli.resolve import resolve
+
+    seen = []
+    target = resolve(str(llama["target"]), kind="model")
+    r1 = port_merged(read_patch(llama["lora"]), target, tmp_path / "a", progress=lambda *a: seen.append(a))
+    r2 = port_merged(llama["lora"], target, tmp_path / "b", scale=1.0)
+    assert r1.modules_merged == r2.modules_merged == 4
+    assert seen and seen[-1][1] == seen[-1][2] == sum(f.stat().st_size for f in llama["target"].glob("*.safetensors"))
+    for f in llama["target"].glob("*.safetensors"):
+        assert (tmp_path / "a" / f.name).read_bytes() == (tmp_path / "b" / f.name).read_bytes()
+    got = _model_tensors(tmp_path / "a")
+    for key, w in expected_merge(llama["target"], llama["lora"]).items():
+        assert torch.equal(got[key], w)

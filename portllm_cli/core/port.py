@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from portllm_cli import __version__
 from portllm_cli.core.compat import CompatReport, check_compatibility
 from portllm_cli.core.progress import ProgressFn, no_progress
-from portllm_cli.errors import IntegrityError, UnsupportedError, UsageError
+from portllm_cli.errors import IntegrityError, PortllmError, UnsupportedError, UsageError
 from portllm_cli.io.atomic import atomic_output_dir, copy_file
-from portllm_cli.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, Checkpoint
+from portllm_cli.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, Checkpoint, read_json
 from portllm_cli.io.safetensors import (
     SafetensorsWriter,
     TensorInfo,
@@ -46,6 +46,7 @@ from portllm_cli.patch.format import (
     now_iso,
     patch_tensors,
     peft_key,
+    read_patch,
     sha256_file,
     write_patch_files,
 )
@@ -236,27 +237,21 @@ def _same_bytes(a_fd: int, b_fd: int, begin: int, end: int) -> int | None:
 
 class _ShardCopier:
     """Copies the untargeted byte ranges of each shard in worker threads while the caller
-    merges the targeted tensors (``copy_file_range`` runs in the kernel and releases the GIL, so
-    copy and merge overlap). Once the caller says a shard's merges are written, the worker
-    fsyncs it: the output is on disk before it is renamed into place."""
+    reads the patch and merges the targeted tensors (``copy_file_range`` runs in the kernel and
+    releases the GIL, so copying, importing torch and merging overlap)."""
 
     def __init__(self, tick: Callable[[int], None]) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="portllm-copy")
         self._cancel = threading.Event()
-        self._events: list = []
         self._futures: list = []
         self._tick = tick
 
-    def submit(self, src: Path, dst_fd: int, spans: list[tuple[int, int]]):
-        """Start copying ``spans`` of src into dst_fd; returns the event to set when merges are done."""
-        merged = threading.Event()
-        self._events.append(merged)
-        self._futures.append(self._pool.submit(self._run, src, dst_fd, spans, merged))
-        return merged
+    def submit(self, src: Path, dst_fd: int, spans: list[tuple[int, int]]) -> None:
+        self._futures.append(self._pool.submit(self._run, src, dst_fd, spans))
 
-    def _run(self, src: Path, dst_fd: int, spans: list[tuple[int, int]], merged) -> None:
+    def _run(self, src: Path, dst_fd: int, spans: list[tuple[int, int]]) -> None:
         from portllm_cli.io.safetensors import copy_range
 
         with open(src, "rb", buffering=0) as fs:
@@ -269,21 +264,19 @@ class _ShardCopier:
                     copy_range(fs.fileno(), dst_fd, pos, n)
                     pos += n
                     self._tick(n)
-        merged.wait()
-        if not self._cancel.is_set():
-            os.fsync(dst_fd)
 
-    def finish(self) -> None:
+    def finish(self, fds: list[int]) -> None:
+        """Wait for every copy, then fsync every file (in parallel): on disk before the rename."""
         try:
             for f in self._futures:
+                f.result()
+            for f in [self._pool.submit(os.fsync, fd) for fd in fds]:
                 f.result()
         finally:
             self.abort()
 
     def abort(self) -> None:
         self._cancel.set()
-        for e in self._events:
-            e.set()
         self._pool.shutdown(wait=True)
 
 
@@ -313,6 +306,56 @@ class _torch_threads:
         torch.set_num_threads(self._old)
 
 
+class _Shape:
+    """Stands in for a factor tensor where only its shape is needed (the compatibility check)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+def _patch_outline(path: Path) -> Patch | None:
+    """A patch's module names and factor shapes from its config and safetensors header, without
+    torch and without reading the factors. None whenever anything needs the full reader's
+    judgement (it then runs first and reports)."""
+    from portllm_cli.patch import format as pf
+
+    try:
+        cfg = pf._validate_config(read_json(path / pf.ADAPTER_CONFIG, "adapter config"), path)
+        manifest = pf.read_manifest(path)
+        header = read_header(path / ADAPTER_WEIGHTS)
+    except (PortllmError, OSError):
+        return None
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    kinds: dict[str, str] = {}
+    for key, info in header.tensors.items():
+        if key.endswith(".base_layer.weight"):
+            continue
+        m = pf._KEY_RE.match(key)
+        if not m or len(info.shape) != 2:
+            return None
+        module = (m.group("module") or m.group("emodule")).removeprefix(pf.PEFT_PREFIX)
+        part = m.group("part") or m.group("epart")
+        slot = "A" if part.endswith("A") else "B"
+        if slot in parts.setdefault(module, {}):
+            return None
+        parts[module][slot] = info.shape
+        kinds[module] = "embedding" if part.startswith("lora_embedding") else "linear"
+    if not parts or any(set(p) != {"A", "B"} for p in parts.values()):
+        return None
+    modules = {
+        name: LoraModule(
+            name=name,
+            A=_Shape(p["A"]),  # type: ignore[arg-type]
+            B=_Shape(p["B"]),  # type: ignore[arg-type]
+            alpha=float(cfg["lora_alpha"]),
+            kind=kinds[name],
+            fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        )
+        for name, p in parts.items()
+    }
+    return Patch(path, cfg, manifest, modules, [])
+
+
 # -- merged output ----------------------------------------------------------------------------
 def _targets_by_file(plan: PortPlan, patch: Patch) -> dict[Path, list[tuple[str, LoraModule]]]:
     by_file: dict[Path, list[tuple[str, LoraModule]]] = {}
@@ -323,34 +366,49 @@ def _targets_by_file(plan: PortPlan, patch: Patch) -> dict[Path, list[tuple[str,
 
 
 def _port_safetensors_shards(
-    ckpt: Checkpoint, by_file: dict[Path, list[tuple[str, LoraModule]]], tmp: Path, scale: float,
-    tick: Callable[[int], None],
-) -> None:
-    """Write every shard: untargeted ranges copied by the worker, merged tensors written here at
-    their own offsets (disjoint ranges of the same file, so the two never overlap)."""
+    plan: PortPlan, patch: Patch, tmp: Path, scale: float, tick: Callable[[int], None],
+    load: "Callable[[], tuple[Patch, PortPlan]] | None" = None,
+) -> tuple[Patch, PortPlan]:
+    """Write every shard: untargeted ranges copied by the workers, merged tensors written here at
+    their own offsets (disjoint ranges of the same file, so the two never overlap).
+
+    With ``load``, ``patch`` is only an outline (names and shapes): the copies start first and
+    the factors are read while they run. Returns the patch and plan the merges used.
+    """
+    ckpt = plan.ckpt
     copier = _ShardCopier(tick)
-    buffers = _MergeBuffers()
     fds: list[int] = []
     try:
         for f in ckpt.files:
             header = ckpt.headers[f]
-            targets = sorted(((header.tensors[k], m) for k, m in by_file.get(f, [])), key=lambda t: t[0].begin)
+            infos = [header.tensors[key] for key in plan.key_map.values() if ckpt.locations[key][0] == f]
             fd = os.open(tmp / f.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(fd)
             os.ftruncate(fd, header.file_size)
-            merges_done = copier.submit(f, fd, _untargeted_spans(header.file_size, [t[0] for t in targets]))
-            for info, module in targets:
-                merged = merge_weight(read_tensor(f, info), module, scale, buffers)
-                _pwrite_all(fd, tensor_bytes(merged), info.begin)
-                tick(info.nbytes)
-            merges_done.set()
-        copier.finish()
+            copier.submit(f, fd, _untargeted_spans(header.file_size, infos))
+        if load is not None:
+            outline_map = plan.key_map
+            patch, plan = load()
+            if plan.key_map != outline_map:  # the factors must target what the copies left out
+                raise IntegrityError(f"{patch.path}: the patch changed while it was being read")
+        by_file = _targets_by_file(plan, patch)
+        buffers = _MergeBuffers()
+        with _torch_threads():
+            for f, fd in zip(ckpt.files, fds):
+                header = ckpt.headers[f]
+                for key, module in by_file.get(f, []):
+                    info = header.tensors[key]
+                    merged = merge_weight(read_tensor(f, info), module, scale, buffers)
+                    _pwrite_all(fd, tensor_bytes(merged), info.begin)
+                    tick(info.nbytes)
+        copier.finish(fds)
     except BaseException:
         copier.abort()
         raise
     finally:
         for fd in fds:
             os.close(fd)
+    return patch, plan
 
 
 def _verify_safetensors_shard(
@@ -423,7 +481,7 @@ def _port_pickle(
 
 
 def port_merged(
-    patch: Patch,
+    patch: "Patch | str | os.PathLike[str]",
     target: Resolved,
     out: Path,
     *,
@@ -433,12 +491,41 @@ def port_merged(
     allow_pickle: bool = False,
     progress: ProgressFn | None = None,
     patch_source: Resolved | None = None,
+    verify_patch: bool = True,
 ) -> PortResult:
-    """Write TARGET with PATCH merged into OUT; see the module docstring for how."""
+    """Write TARGET with PATCH merged into OUT; see the module docstring for how.
+
+    PATCH is a Patch already read, or a patch directory. Given a directory, the patch's module
+    names and shapes are first taken from its config and safetensors header (no torch, no
+    factors) and checked against the target; when they fit, the kernel starts copying while
+    the factors are read and verified (sha256 unless ``verify_patch`` is false, NaN/Inf), which
+    hides the cost of importing torch. Anything unusual in the outline falls back to reading the
+    whole patch first, so errors and their order are those of ``read_patch`` then the check.
+    """
     t0 = time.monotonic()
     scale = check_scale(scale)
     progress = progress or no_progress
-    plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True)
+    load = None
+    if not isinstance(patch, Patch):
+        path = Path(patch)
+        outline = _patch_outline(path)
+        plan = None
+        if outline is not None:
+            try:
+                plan = plan_port(outline, target, allow_pickle=allow_pickle, merging=True)
+            except PortllmError:
+                plan = None  # let the full reader report first, as it would without the outline
+        if plan is None or plan.ckpt.is_pickle:
+            patch = read_patch(path, verify=verify_patch)
+            plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True)
+        else:
+            patch = outline
+
+            def load() -> tuple[Patch, PortPlan]:
+                full = read_patch(path, verify=verify_patch)
+                return full, plan_port(full, target, allow_pickle=allow_pickle, merging=True)
+    else:
+        plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True)
     ckpt = plan.ckpt
     out = Path(out)
     total = ckpt.total_bytes()
@@ -453,13 +540,11 @@ def port_merged(
             progress("port", done, total)
 
     progress("port", 0, total)
-    by_file = _targets_by_file(plan, patch)
     with atomic_output_dir(out, overwrite=overwrite, inputs=(target.path, patch.path)) as tmp:
         if ckpt.is_pickle:
             shard_names, written = _port_pickle(plan, patch, tmp, scale, verify, tick)
         else:
-            with _torch_threads():
-                _port_safetensors_shards(ckpt, by_file, tmp, scale, tick)
+            patch, plan = _port_safetensors_shards(plan, patch, tmp, scale, tick, load)
             shard_names = [f.name for f in ckpt.files]
             written = sum(f.stat().st_size for f in ckpt.files)
             if ckpt.index_file is not None:
@@ -491,6 +576,7 @@ def port_merged(
         (tmp / PORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         written += (tmp / PORT_RECORD).stat().st_size
         if verify and not ckpt.is_pickle:
+            by_file = _targets_by_file(plan, patch)
             for f in ckpt.files:
                 header = ckpt.headers[f]
                 targets = [(header.tensors[k], m) for k, m in by_file.get(f, [])]
@@ -570,8 +656,6 @@ def port_adapter(
         write_patch_files(tmp, tensors, config, manifest)
         progress("adapter", 2, 3)
         if verify:
-            from portllm_cli.patch.format import read_patch
-
             back = read_patch(tmp, verify=True)
             for name, m in modules.items():
                 got = back.modules.get(name)
