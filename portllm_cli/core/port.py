@@ -1,12 +1,14 @@
 """Carry a patch onto an evolved model: merged weights (W + scale*B@A) or a retargeted adapter.
 
-Merged output keeps the target's layout byte for byte. A safetensors shard that no patch
-module touches is copied in the kernel (``copy_file_range``: no user-space memory). A shard
-that holds targeted weights is copied the same way range by range, and each targeted tensor
-is read from the *source*, merged in float32 and written at its original offset. The header
-does not change (same names, dtypes, shapes, offsets), so the shard layout, the index, the
-metadata and every untargeted byte are identical to the target's. Peak memory is the
-interpreter plus the patch plus one targeted tensor in float32, whatever the model's size.
+Merged output keeps the target's layout byte for byte. Every byte range of a safetensors shard
+that holds no targeted tensor is copied in the kernel (``copy_file_range``: no user-space
+memory) by worker threads, while the main thread reads each targeted tensor from the *source*,
+merges it in float32 and writes it at its original offset. The header does not change (same
+names, dtypes, shapes, offsets), so the shard layout, the index, the metadata and every
+untargeted byte are identical to the target's. Peak memory is the interpreter plus the patch
+plus one targeted tensor in float32, whatever the model's size. Given a patch directory, the
+copies start as soon as the patch's names and shapes (from its header) are known to fit, so
+importing torch and reading and verifying the factors overlap them.
 
 The merge is ``(W.float() + delta).to(W.dtype)`` with ``delta = scale * B @ A`` in float32:
 one rounding to the target's dtype. PEFT's ``merge_and_unload`` on a bfloat16 model can
@@ -62,6 +64,8 @@ COMPARE_STEP = 16 << 20
 # Kernel copies of different shards run side by side: memory bandwidth allows more than one
 # stream, and each releases the GIL. Measured on 2 cores: 2 workers ~20% faster than 1.
 COPY_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Merges of different tensors run side by side too; each holds one tensor in float32.
+MERGE_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
 @dataclass
@@ -292,13 +296,14 @@ def _untargeted_spans(size: int, infos: list[TensorInfo]) -> list[tuple[int, int
 
 
 class _torch_threads:
-    """Leave one core to the copy thread while merging; restore the caller's setting after."""
+    """Share the cores between the merge workers (torch's thread count is per process); restore
+    the caller's setting after."""
 
     def __enter__(self) -> None:
         import torch
 
         self._old = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(self._old, (os.cpu_count() or 2) - 1)))
+        torch.set_num_threads(max(1, min(self._old, (os.cpu_count() or 1) // MERGE_WORKERS)))
 
     def __exit__(self, *exc: object) -> None:
         import torch
@@ -392,15 +397,9 @@ def _port_safetensors_shards(
             if plan.key_map != outline_map:  # the factors must target what the copies left out
                 raise IntegrityError(f"{patch.path}: the patch changed while it was being read")
         by_file = _targets_by_file(plan, patch)
-        buffers = _MergeBuffers()
+        jobs = [(f, fd, key, module) for f, fd in zip(ckpt.files, fds) for key, module in by_file.get(f, [])]
         with _torch_threads():
-            for f, fd in zip(ckpt.files, fds):
-                header = ckpt.headers[f]
-                for key, module in by_file.get(f, []):
-                    info = header.tensors[key]
-                    merged = merge_weight(read_tensor(f, info), module, scale, buffers)
-                    _pwrite_all(fd, tensor_bytes(merged), info.begin)
-                    tick(info.nbytes)
+            _run_merges(ckpt, jobs, scale, tick)
         copier.finish(fds)
     except BaseException:
         copier.abort()
@@ -409,6 +408,30 @@ def _port_safetensors_shards(
         for fd in fds:
             os.close(fd)
     return patch, plan
+
+
+def _run_merges(ckpt: Checkpoint, jobs: list, scale: float, tick: Callable[[int], None]) -> None:
+    """Merge and write the targeted tensors, MERGE_WORKERS at a time (torch releases the GIL), each
+    worker with its own float32 buffers: peak memory is MERGE_WORKERS tensors in float32."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+
+    def merge_one(job: tuple) -> None:
+        f, fd, key, module = job
+        if not hasattr(local, "buffers"):
+            local.buffers = _MergeBuffers()
+        info = ckpt.headers[f].tensors[key]
+        merged = merge_weight(read_tensor(f, info), module, scale, local.buffers)
+        _pwrite_all(fd, tensor_bytes(merged), info.begin)
+        tick(info.nbytes)
+
+    pool = ThreadPoolExecutor(max_workers=MERGE_WORKERS, thread_name_prefix="portllm-merge")
+    try:
+        for fut in [pool.submit(merge_one, job) for job in jobs]:
+            fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _verify_safetensors_shard(
