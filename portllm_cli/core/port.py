@@ -2,13 +2,13 @@
 
 Merged output keeps the target's layout byte for byte. Every byte range of a safetensors shard
 that holds no targeted tensor is copied in the kernel (``copy_file_range``: no user-space
-memory) by worker threads, while the main thread reads each targeted tensor from the *source*,
-merges it in float32 and writes it at its original offset. The header does not change (same
+memory) by worker threads, while merge workers read each targeted tensor from the *source*,
+merge it in float32 and write it at its original offset. The header does not change (same
 names, dtypes, shapes, offsets), so the shard layout, the index, the metadata and every
 untargeted byte are identical to the target's. Peak memory is the interpreter plus the patch
-plus one targeted tensor in float32, whatever the model's size. Given a patch directory, the
-copies start as soon as the patch's names and shapes (from its header) are known to fit, so
-importing torch and reading and verifying the factors overlap them.
+plus two targeted tensors in float32 (one per merge worker), whatever the model's size. Given a
+patch directory, the copies start as soon as the patch's names and shapes (from its header) are
+known to fit, so importing torch and reading and verifying the factors overlap them.
 
 The merge is ``(W.float() + delta).to(W.dtype)`` with ``delta = scale * B @ A`` in float32:
 one rounding to the target's dtype. PEFT's ``merge_and_unload`` on a bfloat16 model can
