@@ -67,6 +67,10 @@ class OutputExistsError(PortllmError):
     """The output path exists and --overwrite was not given, or is otherwise unusable."""
 
 
+class NoSpaceError(PortllmError):
+    """The disk filled up (ENOSPC/EDQUOT) while writing; the partial output was removed."""
+
+
 class UnsafeInputError(PortllmError):
     """Refused for safety: pickle weights without --allow-pickle, path traversal, remote code."""
 
