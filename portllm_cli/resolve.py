@@ -76,12 +76,12 @@ def resolve(spec: str, *, kind: str, revision: str | None = None) -> Resolved:
         if not local.exists():
             raise NotFoundError(f"{spec}: no such {kind} directory")
         return Resolved(spec, local)
-    from portllm_cli import hub
-
     repo_id, rev = split_revision(spec)
     rev = revision or rev
     if rev is not None:
         check_revision(rev)
+    from portllm_cli import hub
+
     return hub.download(repo_id, revision=rev, kind=kind, spec=spec)
 
 
