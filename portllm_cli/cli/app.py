@@ -121,7 +121,9 @@ def root(
 def _register() -> None:
     # Command modules import only typer at import time; torch and friends load inside the bodies.
     # Each command adds one import and one registration line here.
-    pass
+    from portllm_cli.cli import port
+
+    app.command("port", epilog=port.EPILOG)(port.port)
 
 
 _register()
