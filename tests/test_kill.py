@@ -112,3 +112,134 @@ def test_unkilled_writer_completes(tmp_path):
     assert_complete(out)
     assert temp_dirs(tmp_path) == []
     assert os.listdir(tmp_path) == ["model-v2"]
+
+
+# -- the real `portllm port` on a multi-shard tiny model -------------------------------------------
+PORT_RECORD_NAMES = ("portllm_port.json", "portllm-port.json")
+
+
+@pytest.fixture(scope="module")
+def port_inputs(tmp_path_factory, tokenizer_dir):
+    """A 7-shard tiny Llama, a LoRA for it, and the reference output of an uninterrupted port."""
+    from portllm_cli.core.port import port_merged
+    from portllm_cli.patch.format import read_patch
+    from portllm_cli.resolve import resolve
+    from tests import tiny
+
+    root = tmp_path_factory.mktemp("kill-port")
+    model = root / "model"
+    tiny.make_model(model, max_shard_size="20KB", tokenizer_from=tokenizer_dir, seed=5)
+    lora = root / "lora"
+    tiny.make_lora(model, lora, seed=6)
+    shards = sorted(p.name for p in model.glob("model-*.safetensors"))
+    assert len(shards) >= 5, shards
+    ref = root / "reference"
+    port_merged(read_patch(lora), resolve(str(model), kind="model"), ref)
+    return model, lora, ref, shards
+
+
+def _port_args(model: Path, lora: Path, out: Path) -> list[str]:
+    return ["port", "--patch", str(lora), "--to", str(model), "--out", str(out), "--quiet"]
+
+
+def assert_same_as_reference(out: Path, ref: Path) -> None:
+    """Every file of an uninterrupted run, byte for byte (the run record's timestamps aside)."""
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for p in ref.iterdir():
+        if p.name.startswith("portllm"):
+            json.loads((out / p.name).read_text())  # a run record: complete JSON, contents vary by time
+            continue
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def _rerun(model: Path, lora: Path, out: Path) -> None:
+    from typer.testing import CliRunner
+
+    from portllm_cli.cli.app import app
+
+    result = CliRunner().invoke(app, _port_args(model, lora, out))
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "sig, shard",
+    [
+        (signal.SIGINT, 1),
+        (signal.SIGTERM, 3),
+        (signal.SIGKILL, 2),
+        (signal.SIGTERM, -1),  # after the last shard: index, tokenizer and run record still to come
+        (signal.SIGKILL, -1),
+    ],
+    ids=lambda v: signal.Signals(v).name if isinstance(v, signal.Signals) else f"shard{v}",
+)
+def test_killed_port_leaves_nothing_partial(tmp_path, port_inputs, sig, shard):
+    model, lora, ref, shards = port_inputs
+    shard = len(shards) if shard == -1 else shard
+    out = tmp_path / "model-v2-sst2"
+    env = dict(os.environ, PORTLLM_TEST_SHARD_DELAY="0.3")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.slow_port", *_port_args(model, lora, out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    err_lines = []
+    try:
+        for line in proc.stderr:
+            err_lines.append(line)
+            assert not out.exists(), f"{out} exists during the run"
+            if line.strip() == f"@@shard {shard}":
+                proc.send_signal(sig)
+                break
+        else:
+            pytest.fail(f"port ended before shard {shard}: {''.join(err_lines)}")
+        stdout, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(err_lines) + rest
+    assert not out.exists(), f"partial output after {signal.Signals(sig).name} at shard {shard}"
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert len(temp_dirs(tmp_path)) == 1
+    else:
+        assert proc.returncode == 130, err
+        assert "Error: interrupted; partial output was removed" in err and "Traceback" not in err
+        assert stdout == ""
+        assert temp_dirs(tmp_path) == []
+    _rerun(model, lora, out)
+    assert_same_as_reference(out, ref)
+    assert temp_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: signal.Signals(s).name)
+def test_killed_unmodified_port_command(tmp_path, port_inputs, sig):
+    """`python -m portllm_cli port` with no test hook, killed as soon as its temporary output appears."""
+    import time
+
+    model, lora, ref, _ = port_inputs
+    out = tmp_path / "model-v2-sst2"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portllm_cli", *_port_args(model, lora, out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not temp_dirs(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Wherever the signal landed, the invariant holds: absent, or complete and correct.
+    if out.exists():
+        assert_same_as_reference(out, ref)
+    else:
+        assert proc.returncode in (130, -signal.SIGKILL), err
+        if sig != signal.SIGKILL:
+            assert temp_dirs(tmp_path) == [] and "Traceback" not in err
+    if not out.exists():
+        _rerun(model, lora, out)
+    assert_same_as_reference(out, ref)
+    assert temp_dirs(tmp_path) == []

@@ -188,10 +188,11 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: tuple[Path,
     stem = f"{_tmp_prefix(out)}{os.getpid()}-{_host_tag()}"
     tmp = out.parent / f"{stem}-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise OutputExistsError(f"{out.parent}: cannot create the output ({exc.strerror})") from None
-    try:
+        # mkdir sits inside the cleanup block: a signal delivered as it returns must not leak tmp
+        try:
+            tmp.mkdir()
+        except OSError as exc:
+            raise OutputExistsError(f"{out.parent}: cannot create the output ({exc.strerror})") from None
         yield tmp
         _fsync_tree(tmp)
         if out.exists() or out.is_symlink():
