@@ -121,8 +121,9 @@ def root(
 def _register() -> None:
     # Command modules import only typer at import time; torch and friends load inside the bodies.
     # Each command adds one import and one registration line here.
-    from portllm_cli.cli import port
+    from portllm_cli.cli import extract, port
 
+    app.command("extract", epilog=extract.EPILOG)(extract.extract)
     app.command("port", epilog=port.EPILOG)(port.port)
 
 
