@@ -992,3 +992,45 @@ def test_source_tree_policy():
         assert "weights_only=True" in args, f"{name}: torch.load without weights_only=True"
     for name, value in remote:
         assert value != "True", f"{name}: trust_remote_code hard-coded to True"
+
+
+# -- special files: a FIFO or a device would block or never end ---------------------------------
+def test_config_is_a_device_or_fifo(ckpt_dir):
+    cfg = ckpt_dir / "config.json"
+    cfg.unlink()
+    cfg.symlink_to("/dev/zero")  # an endless "file"
+    with pytest.raises(E.PortllmError) as ei:
+        Checkpoint.open(ckpt_dir)
+    expect(ei, E.InvalidInputError, 1, "config.json", "not a regular file")
+    cfg.unlink()
+    os.mkfifo(cfg)  # no writer: reading would block forever
+    with pytest.raises(E.PortllmError) as ei:
+        Checkpoint.open(ckpt_dir)
+    expect(ei, E.InvalidInputError, 1, "not a regular file")
+
+
+def test_shard_is_a_fifo(ckpt_dir):
+    shard = ckpt_dir / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+    with pytest.raises(E.PortllmError) as ei:
+        Checkpoint.open(ckpt_dir)
+    expect(ei, E.InvalidInputError, 1, "model-00002-of-00002.safetensors: not a regular file")
+
+
+def test_patch_weights_fifo(patch_dir):
+    w = patch_dir / "adapter_model.safetensors"
+    w.unlink()
+    os.mkfifo(w)
+    with pytest.raises(E.PortllmError) as ei:
+        read_patch(patch_dir)
+    expect(ei, E.InvalidInputError, 1, "expected a file")
+
+
+def test_oversized_json_refused(patch_dir, monkeypatch):
+    from portllm_cli.io import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_JSON_BYTES", 100)
+    with pytest.raises(E.PortllmError) as ei:
+        read_patch(patch_dir)
+    expect(ei, E.InvalidInputError, 1, "adapter_config.json", "more than the 100 portllm reads")

@@ -9,6 +9,7 @@ then are loaded with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -30,12 +31,20 @@ SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+MAX_JSON_BYTES = 256 << 20  # configs, indexes and manifests are kilobytes; this bounds a hostile one
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
 def read_json(path: Path, what: str = "JSON file") -> Any:
     """Read a JSON file strictly: duplicate keys and every read or parse failure are InvalidInputError."""
     try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or /dev/zero would block or never end
+            raise InvalidInputError(f"{path}: the {what} is not a regular file")
+        if st.st_size > MAX_JSON_BYTES:
+            raise InvalidInputError(f"{path}: the {what} is {st.st_size} bytes, more than the {MAX_JSON_BYTES} portllm reads")
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise NotFoundError(f"{path}: no such {what}") from None
@@ -266,6 +275,8 @@ def load_pickle_state_dict(f: Path) -> dict[str, Any]:
     def _load(mmap: bool) -> Any:
         return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
 
+    if f.exists() and not f.is_file():
+        raise InvalidInputError(f"{f}: not a regular file")
     try:
         try:
             sd = _load(True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,12 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """
     path = Path(path)
     try:
-        size = os.stat(path).st_size
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise InvalidInputError(f"{path}: not a regular file")
+        size = st.st_size
         with open(path, "rb") as fh:
             prefix = fh.read(8)
             if len(prefix) < 8:
