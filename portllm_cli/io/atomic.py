@@ -221,7 +221,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False, inputs: tuple[Path,
         if isinstance(exc, OSError):
             where = f"{exc.filename}: " if exc.filename else f"{out}: "
             raise PortllmError(
-                f"{where}{exc.strerror or exc.__class__.__name__} while writing; the partial output was removed"
+                f"{where}{exc.strerror or exc.__class__.__name__}; the partial output {out} was removed"
             ) from None
         raise
 
