@@ -233,7 +233,8 @@ def _check_patch_download(path: Path, repo_id: str, commit: str) -> None:
         if digest != expected:
             _evict(path, [ADAPTER_WEIGHTS])
             raise IntegrityError(
-                f"{where}: downloaded {ADAPTER_WEIGHTS} has sha256 {digest[:12]}…, the manifest says {expected[:12]}…",
+                f"{where}: downloaded {ADAPTER_WEIGHTS} does not match its manifest "
+                f"(sha256 {digest[:12]}…, expected {expected[:12]}…)",
                 hint="the corrupted copy was removed from the cache; rerun to download it again "
                 "(if it fails again, the repo itself is inconsistent)",
             )

@@ -507,7 +507,8 @@ class HubServer:
     def start(self) -> "HubServer":
         self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.state = self.state
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-hub", daemon=True)
         self._thread.start()
         return self
 
