@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ def map_error(exc: BaseException, *, repo_id: str, revision: str | None, action:
     elif status == 403:
         if writing:
             err = HubError(f"your token lacks write access to {repo_id}",
-                           hint="use a token with the 'write' role for this namespace (huggingface.co/settings/tokens), "
+                           hint=f"use a token with the 'write' role for this namespace ({endpoint()}/settings/tokens), "
                                 "then 'hf auth login'")
         else:
             err = HubError(f"{target}: access denied (403)", hint=f"check your permissions, or {LOGIN_HINT}")
@@ -200,6 +201,10 @@ def _tqdm_bridge(progress: ProgressFn, label: str):
             return None
 
     return _Bridge
+
+
+def _no_progress(label: str, done: float, total: float | None) -> None:
+    return None
 
 
 def _evict(snapshot: Path, names: list[str]) -> None:
@@ -268,6 +273,8 @@ def download(
             list(CODE_PATTERNS) if trust_remote_code else []
         )
     kwargs: dict[str, Any] = {}
+    if progress is None and not sys.stderr.isatty():
+        progress = _no_progress  # huggingface_hub's own bars only where a person watches
     if progress is not None:
         kwargs["tqdm_class"] = _tqdm_bridge(progress, f"download {repo_id}")
     try:

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 DEFAULT_BRANCH = "main"
 
@@ -115,6 +117,16 @@ class HubState:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
         self.lock = threading.RLock()
         self._counter = 0
+        # Files served like the Hub serves LFS files: HEAD/GET resolve answer 302 to a "CDN" on
+        # another origin (localhost instead of 127.0.0.1) with X-Linked-Etag / X-Linked-Size.
+        self.lfs_patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+        self.secret = hashlib.sha256(str(time.time_ns()).encode()).hexdigest()
+
+    def is_lfs(self, path: str) -> bool:
+        return any(fnmatch(path.rsplit("/", 1)[-1], pat) for pat in self.lfs_patterns)
+
+    def sign(self, *parts: str) -> str:
+        return hmac.new(self.secret.encode(), "\0".join(parts).encode(), "sha256").hexdigest()
 
     # -- blobs -----------------------------------------------------------------------------
     def put_blob(self, data: bytes) -> str:
@@ -147,6 +159,11 @@ class HubState:
         repo.branches[DEFAULT_BRANCH] = first.id
         self.repos[repo_id] = repo
         return repo
+
+
+def _pointer(digest: str, size: int) -> bytes:
+    """The git-lfs pointer file a Hub repo stores for an LFS file."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{digest}\nsize {size}\n".encode()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -287,6 +304,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._do_commit(repo_id, rest[1], body, user)
             if rest[:1] == ["branch"] and len(rest) == 2 and method == "POST":
                 return self._branch(repo_id, rest[1], json.loads(body or b"{}"), user)
+        if len(seg) >= 5 and seg[0] == "cdn" and method in ("GET", "HEAD"):
+            return self._cdn(f"{seg[1]}/{seg[2]}", seg[3], "/".join(seg[4:]), query)
         if len(seg) >= 5 and seg[2] == "resolve" and method in ("GET", "HEAD"):
             return self._resolve(f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]), user)
         raise HubError(404, f"no route for {method} /{'/'.join(seg)}")
@@ -369,6 +388,9 @@ class Handler(BaseHTTPRequestHandler):
             if recursive or len(parts) == 1:
                 data = self.state.blob(digest)
                 entries[p] = {"type": "file", "oid": git_sha1(data), "size": len(data), "path": p}
+                if self.state.is_lfs(p):
+                    entries[p]["lfs"] = {"oid": digest, "size": len(data), "pointerSize": len(_pointer(digest, len(data)))}
+                    entries[p]["oid"] = git_sha1(_pointer(digest, len(data)))
         doc = list(entries.values())
         return lambda: self._json(200, doc)
 
@@ -441,12 +463,34 @@ class Handler(BaseHTTPRequestHandler):
         if digest is None:
             raise HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit.id})
         data = self.state.blob(digest)
+        if self.state.is_lfs(path):
+            port = self.server.server_address[1]
+            sig = self.state.sign(repo_id, digest, path)
+            location = f"http://localhost:{port}/cdn/{repo_id}/{digest}/{quote(path)}?sig={sig}"
+            headers = {"X-Repo-Commit": commit.id, "ETag": f'"{git_sha1(_pointer(digest, len(data)))}"',
+                       "X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data)), "Location": location}
+            return lambda: self._send(302, b"", headers, content_type="text/plain")
         headers = {"X-Repo-Commit": commit.id, "ETag": f'"{git_sha1(data)}"', "Accept-Ranges": "bytes"}
+        fault = self._take_fault(repo_id, path)  # under the lock
+        return lambda: self._serve_file(data, headers, fault)
+
+    def _take_fault(self, repo_id: str, path: str) -> Fault | None:
         fault = self.state.faults.get((repo_id, path)) if self.command == "GET" else None
         if fault is not None and fault.times is not None:
             fault.times -= 1
             if fault.times <= 0:
                 del self.state.faults[(repo_id, path)]
+        return fault
+
+    def _cdn(self, repo_id: str, digest: str, path: str, query: dict[str, str]):
+        """The signed "CDN" URL an LFS file redirects to: no auth header, a signature instead."""
+        if self.headers.get("Authorization"):
+            raise HubError(400, "the CDN must not receive the Hub token")
+        if not hmac.compare_digest(query.get("sig", ""), self.state.sign(repo_id, digest, path)):
+            raise HubError(403, "bad signature")
+        data = self.state.blob(digest)
+        headers = {"ETag": f'"{digest}"', "Accept-Ranges": "bytes"}
+        fault = self._take_fault(repo_id, path)  # under the lock
         return lambda: self._serve_file(data, headers, fault)
 
     def _serve_file(self, data: bytes, headers: dict[str, str], fault: Fault | None) -> None:

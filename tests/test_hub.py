@@ -96,6 +96,10 @@ def test_push_then_pull_is_byte_identical(hub, patch_dir, tmp_path):
     assert hashlib.sha256(got["adapter_model.safetensors"]).hexdigest() == json.loads(got["portllm.json"])["tensors"]["sha256"]
     # .gitattributes (in the repo since its creation) is not a patch file and was not fetched
     assert ".gitattributes" in stored and ".gitattributes" not in got
+    # regular uploads only: neither LFS nor Xet was ever asked for
+    assert not [p for _, p in hub.requests() if "xet" in p.lower() or "lfs" in p.lower()]
+    # the weights came the way the Hub serves LFS files: resolve redirects to a CDN origin
+    assert [p for m, p in hub.requests() if m == "GET" and p.startswith("/cdn/alice/sst2-patch/")]
 
 
 def test_human_output_prints_url_and_commit(hub, patch_dir):
@@ -396,8 +400,8 @@ def test_single_drop_is_resumed_by_the_client(hub, patch_dir, tmp_path, no_retry
     r = run("hub", "pull", "alice/blip", "--out", str(out))
     assert r.exit_code == 0, r.stderr
     assert tree_bytes(out)["adapter_model.safetensors"] == (patch_dir / "adapter_model.safetensors").read_bytes()
-    ranged = [p for m, p in hub.requests() if p.endswith("/adapter_model.safetensors") and m == "GET"]
-    assert len(ranged) == 2  # the first GET died, the second resumed
+    gets = [p for m, p in hub.requests() if m == "GET" and p.startswith("/cdn/") and p.endswith("/adapter_model.safetensors")]
+    assert len(gets) == 2  # the first GET died, the second resumed with a Range request
 
 
 def hub_cache() -> Path:
@@ -414,3 +418,31 @@ def test_hub_unreachable_is_a_clear_error(hub, patch_dir, monkeypatch):
     r = run("hub", "pull", "alice/anything")
     assert r.exit_code == 1
     assert "cannot reach the Hub" in error_line(r)
+
+
+# -- --push-to-hub helper (wired into finetune / extract / port by the integrator) -------------
+def test_push_result_if_requested_patch_and_model(hub, patch_dir, llama_dir, tmp_path):
+    from portllm_cli.cli._output import Output
+    from portllm_cli.cli.hub import push_result_if_requested
+    from portllm_cli.io.checkpoint import Checkpoint
+
+    output = Output(json_mode=True)
+    assert push_result_if_requested(patch_dir, None, output) is None
+    assert hub.requests() == []
+
+    rec = push_result_if_requested(patch_dir, "alice/from-extract", output)
+    assert rec["commit_id"] == hub.head("alice/from-extract")
+    assert "README.md" in rec["files"] and "adapter_model.safetensors" in rec["files"]
+    assert front_matter(hub.files("alice/from-extract")["README.md"].decode())["library_name"] == "peft"
+
+    model = tmp_path / "merged"
+    shutil.copytree(llama_dir, model)
+    (model / "notes.pkl").write_bytes(b"stray file, never uploaded")
+    rec = push_result_if_requested(model, "team/merged", output)
+    stored = hub.files("team/merged")
+    assert "notes.pkl" not in stored
+    assert stored["model.safetensors"] == (llama_dir / "model.safetensors").read_bytes()
+    assert front_matter(stored["README.md"].decode()) == {"library_name": "transformers", "tags": ["portllm"]}
+    res = resolve("team/merged", kind="model")
+    assert res.revision == rec["commit_id"]
+    assert sorted(Checkpoint.open(res.path).names()) == sorted(Checkpoint.open(llama_dir).names())
