@@ -177,8 +177,11 @@ def map_error(exc: BaseException, *, repo_id: str, revision: str | None, action:
     elif isinstance(exc, httpx2.TransportError):
         err = HubError(f"network error while trying to {action} {target}: {_first_line(exc)}",
                        hint="check your connection and HF_ENDPOINT, then rerun")
+    elif isinstance(exc, OSError):
+        raise exc  # disk full, permissions: the entry point reports these with the file name
     else:
-        raise exc
+        err = HubError(f"could not {action} {target}: {exc.__class__.__name__}: {_first_line(exc)}",
+                       hint="set PORTLLM_DEBUG=1 for the traceback")
     return _scrubbed(err)
 
 
@@ -288,7 +291,7 @@ def download(
             **kwargs,
         )
     except Exception as exc:
-        raise map_error(exc, repo_id=repo_id, revision=revision, action="download") from None
+        raise map_error(exc, repo_id=repo_id, revision=revision, action="download") from exc
     path = Path(folder)
     commit = path.name  # the cache's snapshot folder is named by the commit id
     if kind == "patch":
@@ -505,7 +508,7 @@ def _commit(repo_id: str, ops: list[Any], message: str, *, private: bool, revisi
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(repo_id, operations=ops, commit_message=message, revision=revision)
     except Exception as exc:
-        raise map_error(exc, repo_id=repo_id, revision=revision, action="push") from None
+        raise map_error(exc, repo_id=repo_id, revision=revision, action="push") from exc
     url = f"{endpoint()}/{repo_id}" + (f"/tree/{revision}" if revision else "")
     files = [op.path_in_repo for op in ops]
     return PushResult(url, info.oid, repo_id, revision, info.commit_url, files)

@@ -6,7 +6,14 @@ preupload, commit (NDJSON), YAML validation, and file resolve (HEAD and GET, wit
 
 Every upload is steered to the "regular" (base64-in-the-commit) path: preupload answers
 ``uploadMode: "regular"`` for every file and nothing advertises Xet (no ``xetHash`` in the tree,
-no ``X-Xet-*`` headers), so neither LFS nor ``hf_xet`` ever gets involved.
+no ``X-Xet-*`` headers), so neither LFS uploads nor ``hf_xet`` ever get involved.
+
+Downloads of weight files (``*.safetensors``, ``*.bin``, ...) go the way the Hub serves LFS files:
+HEAD/GET resolve answer 302 with ``X-Linked-Etag`` (the sha256), ``X-Linked-Size`` and a
+``Location`` on another origin (``localhost`` rather than ``127.0.0.1``, a stand-in CDN), which the
+client fetches without its token (the server refuses one) using a signed URL. Other files are
+served directly with ``ETag`` (git blob sha1), ``X-Repo-Commit`` and ``Content-Length``. GET
+honours ``Range: bytes=N-`` so the client can resume.
 
 Blobs are stored content-addressed under a root directory; commits are kept in memory as
 ``{path: sha256}`` snapshots with a parent, one history per branch.
