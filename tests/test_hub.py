@@ -446,3 +446,30 @@ def test_push_result_if_requested_patch_and_model(hub, patch_dir, llama_dir, tmp
     res = resolve("team/merged", kind="model")
     assert res.revision == rec["commit_id"]
     assert sorted(Checkpoint.open(res.path).names()) == sorted(Checkpoint.open(llama_dir).names())
+
+
+def test_plain_peft_adapter_pulls_unverified_with_warning(hub, llama_lora_dir, tmp_path):
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo("alice/peft-only")
+    api.upload_folder(repo_id="alice/peft-only", folder_path=llama_lora_dir)
+    r = run("hub", "pull", "alice/peft-only", "--out", str(tmp_path / "p"), "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["verified"] is False and any("no portllm.json" in w for w in doc["warnings"])
+    assert tree_bytes(tmp_path / "p")["adapter_model.safetensors"] == (llama_lora_dir / "adapter_model.safetensors").read_bytes()
+
+
+def test_existing_out_is_refused_before_downloading(hub, patch_dir, tmp_path):
+    push(patch_dir, "alice/exists-out")
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    before = len(hub.requests())
+    r = run("hub", "pull", "alice/exists-out", "--out", str(out))
+    assert r.exit_code == 1 and "already exists" in error_line(r) and "--overwrite" in r.stderr
+    assert len(hub.requests()) == before
+    r = run("hub", "pull", "alice/exists-out", "--out", str(out), "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    assert not (out / "keep.txt").exists() and (out / "portllm.json").exists()
