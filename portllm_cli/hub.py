@@ -50,7 +50,7 @@ MODEL_PATTERNS = (
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
 CODE_PATTERNS = ("*.py",)
 LOGIN_HINT = "log in with 'hf auth login' or set HF_TOKEN"
-_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{6,}")
+_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{30,}")  # user access tokens: hf_ + 34 letters/digits
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
@@ -371,10 +371,12 @@ class PushResult:
     revision: str | None
     commit_url: str | None = None
     files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"url": self.url, "commit_id": self.commit_id, "commit_url": self.commit_url,
-                "repo_id": self.repo_id, "revision": self.revision, "files": self.files}
+                "repo_id": self.repo_id, "revision": self.revision, "files": self.files,
+                "warnings": self.warnings}
 
 
 def _yaml_str(value: str) -> str:
@@ -534,7 +536,9 @@ def push_patch(
     ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(patch.path / name)) for name in files]
     ops.append(CommitOperationAdd(path_in_repo=MODEL_CARD, path_or_fileobj=card))
     message = commit_message or f"Upload portllm patch (r={patch.rank}, {len(patch.modules)} modules)"
-    return _commit(repo_id, ops, message, private=private, revision=revision)
+    res = _commit(repo_id, ops, message, private=private, revision=revision)
+    res.warnings = list(patch.warnings)
+    return res
 
 
 def push_model(

@@ -102,6 +102,22 @@ def test_push_then_pull_is_byte_identical(hub, patch_dir, tmp_path):
     assert [p for m, p in hub.requests() if m == "GET" and p.startswith("/cdn/alice/sst2-patch/")]
 
 
+def test_pushing_the_same_patch_again_makes_no_new_commit(hub, patch_dir):
+    first = push(patch_dir, "alice/again")
+    second = push(patch_dir, "alice/again")
+    assert second["commit_id"] == first["commit_id"] == hub.head("alice/again")
+    assert len(hub.state.repos["alice/again"].commits) == 2  # the repo's initial commit + one upload
+
+
+def test_download_reports_byte_progress(hub, patch_dir):
+    push(patch_dir, "alice/progress")
+    calls = []
+    res = hub_api.download("alice/progress", kind="patch", progress=lambda *a: calls.append(a))
+    total = sum(len(b) for name, b in hub.files("alice/progress").items() if name in hub_api.PATCH_FILES)
+    assert calls and calls[-1] == ("download alice/progress", total, total)
+    assert {p.name for p in res.path.iterdir()} == set(hub_api.PATCH_FILES)
+
+
 def test_human_output_prints_url_and_commit(hub, patch_dir):
     r = run("hub", "push", str(patch_dir), "alice/human")
     assert r.exit_code == 0, r.stderr
@@ -288,8 +304,9 @@ def test_pushing_to_someone_elses_namespace_is_403(hub, patch_dir, monkeypatch):
 
 def test_scrub_removes_tokens(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
-    text = hub_api.scrub(f"failed with Authorization: Bearer {WRITE_TOKEN} and hf_abcdefghijkl")
-    assert WRITE_TOKEN not in text and "hf_abcdefghijkl" not in text
+    other = "hf_" + "Zq9" * 12
+    text = hub_api.scrub(f"failed with Authorization: Bearer {WRITE_TOKEN} and {other} in hf_hub_download")
+    assert WRITE_TOKEN not in text and other not in text and "hf_hub_download" in text
 
 
 # -- not found -------------------------------------------------------------------------------

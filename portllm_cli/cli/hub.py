@@ -66,6 +66,8 @@ def push(
     out = Output(json_mode=json_, quiet=quiet)
     out.info(f"Pushing {patch} to {repo_id}{f' (branch {revision})' if revision else ''} on {hub.endpoint()}")
     res = hub.push_patch(patch, repo_id, private=private, revision=revision, commit_message=commit_message)
+    for w in res.warnings:
+        out.warn(w)
     out.result(res.as_dict(), f"{res.url}\ncommit {res.commit_id}")
 
 
