@@ -6,6 +6,9 @@ long before this fixture runs (conftest's autouse fixture sets HF_HUB_OFFLINE=1,
 imports the library). So besides the environment variables (what a fresh ``portllm`` process would
 read), the fixture patches those constants with monkeypatch; both are restored after each test.
 portllm_cli.hub itself reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_HOME at call time.
+
+HF_HUB_DISABLE_XET is not needed: the fake Hub never advertises Xet (no xetHash in tree listings,
+no X-Xet-* headers, preupload always answers "regular"), so the installed hf_xet is never used.
 """
 
 from __future__ import annotations

@@ -246,12 +246,8 @@ def test_model_spec_downloads_tiny_model(hub, llama_dir, tmp_path):
             assert (res.path / name).read_bytes() == (llama_dir / name).read_bytes(), name
     ckpt = Checkpoint.open(res.path)
     assert sorted(ckpt.names()) == sorted(Checkpoint.open(llama_dir).names())
-    with_pickle = hub_download_with_pickle("team/tiny-llama")
+    with_pickle = hub_api.download("team/tiny-llama", kind="model", allow_pickle=True).path
     assert (with_pickle / "pytorch_model.bin").exists()
-
-
-def hub_download_with_pickle(repo_id: str) -> Path:
-    return hub_api.download(repo_id, kind="model", allow_pickle=True).path
 
 
 def test_model_repo_without_config_is_not_a_model(hub, patch_dir):
@@ -401,7 +397,7 @@ def test_connection_dropped_mid_transfer(hub, patch_dir, tmp_path, no_retry_slee
     assert r.exit_code == 1
     assert "interrupted" in error_line(r) and "rerun to resume" in r.stderr
     assert not out.exists() and list(work.iterdir()) == []
-    cache = Path(hub_cache()) / "models--alice--drop"
+    cache = hub_api.cache_dir() / "models--alice--drop"
     assert not list(cache.rglob("*.incomplete"))
     hub.clear_faults()
     r = run("hub", "pull", "alice/drop", "--out", str(out))
@@ -419,10 +415,6 @@ def test_single_drop_is_resumed_by_the_client(hub, patch_dir, tmp_path, no_retry
     assert tree_bytes(out)["adapter_model.safetensors"] == (patch_dir / "adapter_model.safetensors").read_bytes()
     gets = [p for m, p in hub.requests() if m == "GET" and p.startswith("/cdn/") and p.endswith("/adapter_model.safetensors")]
     assert len(gets) == 2  # the first GET died, the second resumed with a Range request
-
-
-def hub_cache() -> Path:
-    return hub_api.cache_dir()
 
 
 def test_hub_unreachable_is_a_clear_error(hub, patch_dir, monkeypatch):
