@@ -157,7 +157,7 @@ def map_error(exc: BaseException, *, repo_id: str, revision: str | None, action:
                             hint=f"check the branch, tag or commit on {endpoint()}/{repo_id}")
     elif isinstance(exc, hf.RepositoryNotFoundError):
         err = NotFoundError(f"{repo_id}: repo not found or private",
-                            hint=f"check the id or log in: hf auth login")
+                            hint="check the id or log in: hf auth login")
     elif isinstance(exc, hf.RemoteEntryNotFoundError):
         err = NotFoundError(f"{target}: {_first_line(exc)}")
     elif isinstance(exc, hf.HFValidationError):

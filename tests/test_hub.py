@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from typer.testing import CliRunner
 
 from portllm_cli import hub as hub_api
 from portllm_cli.cli.app import app
-from portllm_cli.errors import HubError, IntegrityError, NotFoundError
+from portllm_cli.errors import IntegrityError, NotFoundError
 from portllm_cli.patch import format as fmt
 from portllm_cli.resolve import Resolved, model_record, resolve
 from tests.hub_fixtures import BAD_TOKEN, BOB_TOKEN, READ_TOKEN, WRITE_TOKEN, go_offline
