@@ -158,16 +158,19 @@ def test_model_card_without_hub_base_has_no_base_model(patch_dir, tmp_path):
 
 def test_push_to_new_branch_and_pull_revision(hub, patch_dir, tmp_path):
     first = push(patch_dir, "alice/branchy")
-    doc = push(patch_dir, "alice/branchy", "--revision", "v2", "-m", "second home")
-    assert doc["revision"] == "v2" and doc["url"].endswith("/alice/branchy/tree/v2")
-    assert hub.head("alice/branchy", "v2") == doc["commit_id"]
+    doc = push(patch_dir, "alice/branchy", "--revision", "exp/v2", "-m", "second home")
+    assert doc["revision"] == "exp/v2" and doc["url"].endswith("/alice/branchy/tree/exp/v2")
+    assert hub.head("alice/branchy", "exp/v2") == doc["commit_id"]
+    assert hub.state.repos["alice/branchy"].commits[doc["commit_id"]].message == "second home"
     assert hub.head("alice/branchy") == first["commit_id"]  # main untouched
-    card = hub.files("alice/branchy", "v2")["README.md"].decode()
-    assert "--patch alice/branchy@v2 " in card
-    for spec, extra in (("alice/branchy@v2", ()), ("alice/branchy", ("--revision", "v2"))):
+    card = hub.files("alice/branchy", "exp/v2")["README.md"].decode()
+    assert "--patch alice/branchy@exp/v2 " in card
+    for spec, extra in (("alice/branchy@exp/v2", ()), ("alice/branchy", ("--revision", "exp/v2"))):
         r = run("hub", "pull", spec, *extra, "--json")
         assert r.exit_code == 0, r.stderr
         assert json.loads(r.stdout)["revision"] == doc["commit_id"]
+    r = run("hub", "pull", "alice/branchy", "--json")  # main still serves the first upload
+    assert json.loads(r.stdout)["revision"] == first["commit_id"]
 
 
 def test_push_creates_private_repo_hidden_from_others(hub, patch_dir, monkeypatch):
