@@ -393,20 +393,33 @@ def _task_name(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def _flatten_scores(scores: Any, prefix: str = "") -> list[tuple[str, Any]]:
+def _flatten_scores(scores: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Rows (label, value) from the manifest's free-form scores.
+
+    Understands nested dicts ({"sst2": {"base": 0.5, "patched": 0.9}}), the ``portllm eval`` record
+    ({"sst2": {"metric": "acc", "value": 0.9, "stderr": 0.01}}) and lists of such records.
+    """
+    if isinstance(scores, dict) and isinstance(scores.get("value"), (int, float)):
+        label = prefix or "score"
+        if scores.get("metric"):
+            label += f" ({scores['metric']})"
+        value = _fmt(scores["value"])
+        if isinstance(scores.get("stderr"), (int, float)):
+            value += f" ± {_fmt(scores['stderr'])}"
+        return [(label, value)]
     if isinstance(scores, dict):
-        rows: list[tuple[str, Any]] = []
+        rows: list[tuple[str, str]] = []
         for k, v in scores.items():
             rows.extend(_flatten_scores(v, f"{prefix} / {k}" if prefix else str(k)))
         return rows
     if isinstance(scores, list):
         rows = []
         for i, v in enumerate(scores):
-            label = v.get("name") or v.get("task") or str(i) if isinstance(v, dict) else str(i)
-            rows.extend(_flatten_scores({kk: vv for kk, vv in v.items() if kk not in ("name", "task")}
-                                        if isinstance(v, dict) else v, f"{prefix} / {label}" if prefix else label))
+            label = str((v.get("name") or v.get("task") or i) if isinstance(v, dict) else i)
+            rest = {kk: vv for kk, vv in v.items() if kk not in ("name", "task")} if isinstance(v, dict) else v
+            rows.extend(_flatten_scores(rest, f"{prefix} / {label}" if prefix else label))
         return rows
-    return [(prefix or "score", scores)]
+    return [(prefix or "score", _fmt(scores))]
 
 
 def _fmt(value: Any) -> str:
@@ -470,7 +483,7 @@ def model_card(patch: Any, repo_id: str, revision: str | None = None) -> str:
     scores = manifest.get("scores")
     if scores:
         lines += ["## Scores", "", "| Metric | Value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten_scores(scores)]
+        lines += [f"| {k} | {v} |" for k, v in _flatten_scores(scores)]
         lines.append("")
     patch_ref = f"{repo_id}@{revision}" if revision else repo_id
     out_name = f"./{name}-merged"

@@ -156,6 +156,17 @@ def test_model_card_without_hub_base_has_no_base_model(patch_dir, tmp_path):
     assert "## Scores" not in card and "--to BASE_MODEL" in card
 
 
+def test_model_card_renders_eval_records(patch_dir, tmp_path):
+    local = tmp_path / "eval.patch"
+    shutil.copytree(patch_dir, local)
+    manifest = json.loads((local / "portllm.json").read_text())
+    manifest["scores"] = {"sst2": {"metric": "acc", "value": 0.8712, "stderr": 0.0113, "n": 872},
+                          "boolq": {"metric": "acc", "value": 0.7}}
+    (local / "portllm.json").write_text(json.dumps(manifest))
+    card = hub_api.model_card(fmt.read_patch(local), "alice/x")
+    assert "| sst2 (acc) | 0.8712 ± 0.0113 |" in card and "| boolq (acc) | 0.7 |" in card
+
+
 def test_push_to_new_branch_and_pull_revision(hub, patch_dir, tmp_path):
     first = push(patch_dir, "alice/branchy")
     doc = push(patch_dir, "alice/branchy", "--revision", "exp/v2", "-m", "second home")
