@@ -486,6 +486,7 @@ def model_card(patch: Any, repo_id: str, revision: str | None = None) -> str:
         lines += [f"| {k} | {v} |" for k, v in _flatten_scores(scores)]
         lines.append("")
     patch_ref = f"{repo_id}@{revision}" if revision else repo_id
+    peft_args = json.dumps(repo_id) + (f", revision={json.dumps(revision)}" if revision else "")
     out_name = f"./{name}-merged"
     lines += [
         "## Use it",
@@ -498,7 +499,7 @@ def model_card(patch: Any, repo_id: str, revision: str | None = None) -> str:
         "",
         f"Replace `{base or 'BASE_MODEL'}` with an evolved release of the base model (a Hub id or a local "
         "directory) to port the patch to it. The patch also loads directly with PEFT "
-        "(`PeftModel.from_pretrained(model, \"" + repo_id + "\")`).",
+        f"(`PeftModel.from_pretrained(model, {peft_args})`).",
         "",
     ]
     return "\n".join(lines)
