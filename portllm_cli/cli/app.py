@@ -122,8 +122,10 @@ def _register() -> None:
     # Command modules import only typer at import time; torch and friends load inside the bodies.
     # Each command adds one import and one registration line here.
     from portllm_cli.cli import extract
+    from portllm_cli.cli.hub import hub_app
 
     app.command("extract", epilog=extract.EPILOG)(extract.extract)
+    app.add_typer(hub_app, name="hub")
 
 
 _register()
