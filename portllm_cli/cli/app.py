@@ -119,7 +119,9 @@ def root(
 def _register() -> None:
     # Command modules import only typer at import time; torch and friends load inside the bodies.
     # Each command adds one import and one registration line here.
-    pass
+    from portllm_cli.cli import diff as diff_cmd
+
+    app.command("diff", epilog=diff_cmd.EPILOG)(diff_cmd.diff)
 
 
 _register()
