@@ -514,6 +514,12 @@ class ModuleDiff:
         }
 
 
+def _equal(x: "torch.Tensor", y: "torch.Tensor") -> bool:
+    import torch
+
+    return x.shape == y.shape and torch.equal(_f64(x), _f64(y))
+
+
 def diff_lora_modules(ma: "LoraModule", mb: "LoraModule") -> ModuleDiff:
     """Compare two LoRA deltas of the same weight from their factors alone."""
     import torch
@@ -522,7 +528,8 @@ def diff_lora_modules(ma: "LoraModule", mb: "LoraModule") -> ModuleDiff:
     Bb, Ab = _f64(mb.B) * mb.scale, _f64(mb.A)
     # D_B - D_A = [Bb, -Ba] @ [Ab; Aa]: a rank r_a + r_b product whose norm QR gives without
     # squaring (the Gram form would lose half the digits when the two patches nearly agree).
-    residual = lowrank_norm(torch.cat([Bb, -Ba], dim=1), torch.cat([Ab, Aa], dim=0))
+    same = ma.scale == mb.scale and _equal(ma.A, mb.A) and _equal(ma.B, mb.B)
+    residual = 0.0 if same else lowrank_norm(torch.cat([Bb, -Ba], dim=1), torch.cat([Ab, Aa], dim=0))
     return ModuleDiff(
         module=ma.name,
         kind=module_kind(ma.name),
@@ -861,8 +868,10 @@ def describe_dir(path: Path, limit: int = 8) -> str:
 
 def open_input(spec: str, *, allow_pickle: bool = False, verify: bool = True) -> tuple[str, Patch | Checkpoint, str]:
     """Resolve a diff argument and open it as a patch or a model: (kind, object, display)."""
-    from portllm_cli.resolve import resolve
+    from portllm_cli.resolve import looks_like_repo_id, resolve
 
+    if not Path(os.path.expanduser(spec)).exists() and not looks_like_repo_id(spec):
+        raise NotFoundError(f"{spec}: no such model or patch directory")
     try:
         res = resolve(spec, kind="model")
     except ImportError:
