@@ -46,14 +46,18 @@ def np64(t: torch.Tensor) -> np.ndarray:
 
 
 # -- model vs model ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def perturbed_dir(llama_dir, tmp_path_factory) -> Path:
-    sd = load_tensors(llama_dir / "model.safetensors")
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def model_pair(request, llama_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny model (in float32, or cast to bfloat16) and a copy with PERTURBED moved by eps*E."""
+    dtype = getattr(torch, request.param)
+    sd = {k: v.to(dtype) for k, v in load_tensors(llama_dir / "model.safetensors").items()}
+    root = tmp_path_factory.mktemp(f"pair-{request.param}")
+    a = copy_model(llama_dir, root / "a", sd) if dtype != torch.float32 else llama_dir
     gen = torch.Generator().manual_seed(7)
     out = dict(sd)
     for name, eps in PERTURBED.items():
-        out[name] = sd[name] + eps * torch.randn(sd[name].shape, generator=gen)
-    return copy_model(llama_dir, tmp_path_factory.mktemp("perturbed") / "m", out)
+        out[name] = (sd[name].float() + eps * torch.randn(sd[name].shape, generator=gen)).to(dtype)
+    return a, copy_model(llama_dir, root / "b", out)
 
 
 def test_model_against_itself_is_identical(llama_dir):
@@ -69,12 +73,13 @@ def test_model_against_itself_is_identical(llama_dir):
 
 
 @pytest.mark.parametrize("chunk", [None, 37])  # 37 elements: every tensor read in many row blocks
-def test_known_perturbation_figures(llama_dir, perturbed_dir, monkeypatch, chunk):
+def test_known_perturbation_figures(model_pair, monkeypatch, chunk):
     if chunk:
         monkeypatch.setattr(core, "CHUNK_ELEMENTS", chunk)
-    rep = core.diff_models(Checkpoint.open(llama_dir), Checkpoint.open(perturbed_dir))
-    A = {k: np64(v) for k, v in load_tensors(llama_dir / "model.safetensors").items()}
-    B = {k: np64(v) for k, v in load_tensors(perturbed_dir / "model.safetensors").items()}
+    a_dir, b_dir = model_pair
+    rep = core.diff_models(Checkpoint.open(a_dir), Checkpoint.open(b_dir))
+    A = {k: np64(v) for k, v in load_tensors(a_dir / "model.safetensors").items()}
+    B = {k: np64(v) for k, v in load_tensors(b_dir / "model.safetensors").items()}
 
     def sums(names):
         aa = sum(float(np.sum(A[n] ** 2)) for n in names)
