@@ -331,3 +331,18 @@ def test_truncated_safetensors_is_one_error_line(llama_dir, tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert [ln for ln in lines if not ln.startswith("Hint:")] == [lines[0]] and lines[0].startswith("Error:")
     assert "truncated" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_sharded_and_pickle_copies_are_identical(llama_dir, tmp_path):
+    tiny.make_model(tmp_path / "sharded", seed=0, max_shard_size="20KB", tokenizer_from=llama_dir)
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    res = invoke(llama_dir, tmp_path / "sharded", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "identical"
+    pkl = tmp_path / "pickle"
+    pkl.mkdir()
+    shutil.copy(llama_dir / "config.json", pkl / "config.json")
+    torch.save(load_tensors(llama_dir / "model.safetensors"), pkl / "pytorch_model.bin")
+    refused = invoke(llama_dir, pkl)
+    assert refused.exit_code == 1 and "--allow-pickle" in refused.stderr
+    res = invoke(pkl, llama_dir, "--json", "--allow-pickle")
+    assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "identical"

@@ -735,10 +735,10 @@ class PatchModelDiff:
         drift = None
         if self.drift is not None:
             drift = self.drift.as_dict()
+            by_name = {t.name: t for t in self.drift.tensors}
             for row in drift["tensors"]:
-                t = next(x for x in self.drift.tensors if x.name == row["name"])
-                row["patch_norm"] = self.patch_norms.get(t.name)
-                row["drift_over_patch"] = _num(self.drift_over_patch(t))
+                row["patch_norm"] = self.patch_norms.get(row["name"])
+                row["drift_over_patch"] = _num(self.drift_over_patch(by_name[row["name"]]))
         return {
             "patch": self.patch,
             "model": self.model,
