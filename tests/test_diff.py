@@ -170,7 +170,9 @@ def test_principal_angles_of_known_subspaces():
 
 
 def _dense(m: LoraModule) -> np.ndarray:
-    return m.scale * (np64(m.B) @ np64(m.A))
+    """The delta in the model weight's layout, in float64."""
+    d = m.scale * (np64(m.B) @ np64(m.A))
+    return d.T if m.kind == "embedding" or m.fan_in_fan_out else d
 
 
 def _angles(x: np.ndarray, y: np.ndarray, rx: int, ry: int) -> list[float]:
@@ -346,3 +348,16 @@ def test_sharded_and_pickle_copies_are_identical(llama_dir, tmp_path):
     assert refused.exit_code == 1 and "--allow-pickle" in refused.stderr
     res = invoke(pkl, llama_dir, "--json", "--allow-pickle")
     assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "identical"
+
+
+def test_transposed_layouts_compare_in_weight_layout():
+    """An embedding-style module (delta = (BA)^T) against a plain one holding the same weight delta."""
+    gen = torch.Generator().manual_seed(5)
+    A, B = torch.randn(3, 10, generator=gen), torch.randn(6, 3, generator=gen)
+    emb = LoraModule("model.embed_tokens", A, B, alpha=3.0, kind="embedding")  # weight (10, 6)
+    lin = LoraModule("model.embed_tokens", B.T.contiguous(), A.T.contiguous(), alpha=3.0)  # same delta
+    assert emb.weight_shape == lin.weight_shape == (10, 6)
+    d = core.diff_lora_modules(emb, lin)
+    assert d.residual == pytest.approx(0.0, abs=1e-12) and d.cosine == pytest.approx(1.0)
+    assert d.column_angles == pytest.approx([0, 0, 0], abs=1e-5)
+    np.testing.assert_allclose(emb.delta().double().numpy(), lin.delta().double().numpy(), atol=1e-5)
