@@ -361,3 +361,38 @@ def test_transposed_layouts_compare_in_weight_layout():
     assert d.residual == pytest.approx(0.0, abs=1e-12) and d.cosine == pytest.approx(1.0)
     assert d.column_angles == pytest.approx([0, 0, 0], abs=1e-5)
     np.testing.assert_allclose(emb.delta().double().numpy(), lin.delta().double().numpy(), atol=1e-5)
+
+
+def test_patch_whose_base_cannot_be_found(llama_dir, tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    name = "model.layers.1.self_attn.v_proj"
+    patch = write_patch(tmp_path / "p", {name: LoraModule(name, torch.randn(4, 32, generator=gen),
+                                                          torch.randn(16, 4, generator=gen), alpha=8.0)},
+                        base=str(tmp_path / "gone"))
+    res = invoke(llama_dir, patch, "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "model-patch" and doc["verdict"] == "compatible"
+    assert doc["base_drift"] is None and doc["base"]["path"] is None and "gone" in doc["base"]["note"]
+    assert doc["targeted"] == {name: name + ".weight"}
+    plot = invoke(patch, llama_dir, "--plot", tmp_path / "x.png")
+    assert plot.exit_code == 1 and "base model was not found" in plot.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_tampered_patch_exit_4_unless_no_verify(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    name = "model.layers.0.self_attn.q_proj"
+    mod = LoraModule(name, torch.randn(2, 8, generator=gen), torch.randn(8, 2, generator=gen), alpha=2.0)
+    pa = write_patch(tmp_path / "a", {name: mod})
+    pb = tmp_path / "b"
+    shutil.copytree(pa, pb)
+    w = pb / "adapter_model.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[-4:] = np.float32(0.5).tobytes()  # one factor entry changed, layout intact
+    w.write_bytes(bytes(raw))
+    res = invoke(pa, pb)
+    assert res.exit_code == 4 and res.stderr.startswith("Error:") and "sha256" in res.stderr
+    res = invoke(pa, pb, "--no-verify", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "compatible"
+    assert json.loads(res.stdout)["overall"]["residual"] > 0
