@@ -161,20 +161,22 @@ def _rerun(model: Path, lora: Path, out: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
+N_MERGES = 4  # q_proj and v_proj of two layers
+
+
 @pytest.mark.parametrize(
-    "sig, shard",
+    "sig, merge",
     [
-        (signal.SIGINT, 2),
+        (signal.SIGINT, 1),
         (signal.SIGKILL, 3),
-        (signal.SIGTERM, -1),  # after the last shard: index, tokenizer and run record still to come
+        (signal.SIGTERM, N_MERGES),  # the last merge: copies, index, tokenizer and run record still to come
     ],
-    ids=lambda v: signal.Signals(v).name if isinstance(v, signal.Signals) else f"shard{v}",
+    ids=lambda v: signal.Signals(v).name if isinstance(v, signal.Signals) else f"merge{v}",
 )
-def test_killed_port_leaves_nothing_partial(tmp_path, port_inputs, sig, shard):
+def test_killed_port_leaves_nothing_partial(tmp_path, port_inputs, sig, merge):
     model, lora, ref, shards = port_inputs
-    shard = len(shards) if shard == -1 else shard
     out = tmp_path / "model-v2-sst2"
-    env = dict(os.environ, PORTLLM_TEST_SHARD_DELAY="0.3")
+    env = dict(os.environ, PORTLLM_TEST_MERGE_DELAY="0.3")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.slow_port", *_port_args(model, lora, out)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -184,18 +186,18 @@ def test_killed_port_leaves_nothing_partial(tmp_path, port_inputs, sig, shard):
         for line in proc.stderr:
             err_lines.append(line)
             assert not out.exists(), f"{out} exists during the run"
-            if line.strip() == f"@@shard {shard}":
+            if line.strip() == f"@@merge {merge}":
                 proc.send_signal(sig)
                 break
         else:
-            pytest.fail(f"port ended before shard {shard}: {''.join(err_lines)}")
+            pytest.fail(f"port ended before merge {merge}: {''.join(err_lines)}")
         stdout, rest = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     err = "".join(err_lines) + rest
-    assert not out.exists(), f"partial output after {signal.Signals(sig).name} at shard {shard}"
+    assert not out.exists(), f"partial output after {signal.Signals(sig).name} at merge {merge}"
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
         assert len(temp_dirs(tmp_path)) == 1
