@@ -146,6 +146,7 @@ def test_trailing_bytes(good_st):
         ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]}}, "bad data_offsets"),
         ({"a": {"dtype": "F32", "shape": [1]}}, "bad data_offsets None"),
         ({"a": [1, 2]}, "entry is not an object"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "offset_hint": 9}}, "unknown header field(s) 'offset_hint'"),
         ({"__metadata__": {"k": 1}}, "__metadata__ must map strings to strings"),
         ({"__metadata__": []}, "__metadata__ must map strings to strings"),
         ([1, 2, 3], "not a JSON object"),

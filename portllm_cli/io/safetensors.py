@@ -146,6 +146,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     for name, spec in doc.items():
         if not isinstance(spec, dict):
             raise InvalidInputError(f"{path}: tensor {name!r}: entry is not an object")
+        unknown = sorted(set(spec) - {"dtype", "shape", "data_offsets"})
+        if unknown:
+            raise InvalidInputError(f"{path}: tensor {name!r}: unknown header field(s) {', '.join(map(repr, unknown[:3]))}")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InvalidInputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
