@@ -1,10 +1,12 @@
-"""Kill a writer at several points with SIGINT, SIGTERM and SIGKILL: the output is absent or complete.
+"""Kill writers at several points with SIGINT, SIGTERM and SIGKILL: the output is absent or complete.
 
 The writer (tests/kill_writer.py) writes a three-shard model through the real atomic_output_dir,
 slowly, announcing each step. The test kills it right after a chosen step, then checks the
 invariant: nothing under the final name unless it is complete and correct; after SIGINT/SIGTERM
 no temporary directory is left; after SIGKILL the leftover is cleaned by the next run, which
-succeeds.
+succeeds. The same invariant is then checked on the real `portllm port` (a 7-shard tiny model,
+killed after chosen merges) and on unmodified `portllm port` / `portllm extract` processes killed
+the moment their temporary output appears.
 """
 
 from __future__ import annotations
@@ -211,16 +213,50 @@ def test_killed_port_leaves_nothing_partial(tmp_path, port_inputs, sig, merge):
     assert temp_dirs(tmp_path) == []
 
 
+def _extract_args(lora: Path, out: Path) -> list[str]:
+    return ["extract", str(lora), "--out", str(out), "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def extract_reference(port_inputs, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from portllm_cli.cli.app import app
+
+    _, lora, _, _ = port_inputs
+    ref = tmp_path_factory.mktemp("extract-ref") / "p.patch"
+    res = CliRunner().invoke(app, _extract_args(lora, ref))
+    assert res.exit_code == 0, res.output
+    return ref
+
+
+def assert_patch_like_reference(out: Path, ref: Path) -> None:
+    from portllm_cli.patch.format import read_patch
+
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    read_patch(out)  # the manifest is complete and matches the weights
+
+
+@pytest.mark.parametrize("command", ["port", "extract"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: signal.Signals(s).name)
-def test_killed_unmodified_port_command(tmp_path, port_inputs, sig):
-    """`python -m portllm_cli port` with no test hook, killed as soon as its temporary output appears."""
+def test_killed_unmodified_command(tmp_path, port_inputs, extract_reference, command, sig):
+    """`python -m portllm_cli port|extract` with no test hook, killed as soon as its temporary output appears."""
     import time
 
+    from typer.testing import CliRunner
+
+    from portllm_cli.cli.app import app
+
     model, lora, ref, _ = port_inputs
-    out = tmp_path / "model-v2-sst2"
+    out = tmp_path / "result"
+    if command == "port":
+        args, check = _port_args(model, lora, out), lambda: assert_same_as_reference(out, ref)
+    else:
+        args, check = _extract_args(lora, out), lambda: assert_patch_like_reference(out, extract_reference)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "portllm_cli", *_port_args(model, lora, out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "portllm_cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 120
@@ -234,12 +270,12 @@ def test_killed_unmodified_port_command(tmp_path, port_inputs, sig):
             proc.wait()
     # Wherever the signal landed, the invariant holds: absent, or complete and correct.
     if out.exists():
-        assert_same_as_reference(out, ref)
+        check()
     else:
         assert proc.returncode in (130, -signal.SIGKILL), err
         if sig != signal.SIGKILL:
             assert temp_dirs(tmp_path) == [] and "Traceback" not in err
-    if not out.exists():
-        _rerun(model, lora, out)
-    assert_same_as_reference(out, ref)
+        res = CliRunner().invoke(app, args)  # the rerun starts cleanly
+        assert res.exit_code == 0, res.output
+    check()
     assert temp_dirs(tmp_path) == []
