@@ -1035,3 +1035,13 @@ def test_oversized_json_refused(patch_dir, monkeypatch):
     with pytest.raises(E.PortllmError) as ei:
         read_patch(patch_dir)
     expect(ei, E.InvalidInputError, 1, "adapter_config.json", "more than the 100 portllm reads")
+
+
+def test_hostile_names_cannot_flood_the_error_line(tmp_path):
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(raw_safetensors({"x" * 100_000: {"dtype": "Q" * 100_000, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4))
+    with pytest.raises(E.PortllmError) as ei:
+        read_header(p)
+    msg = expect(ei, E.InvalidInputError, 1, "unknown dtype 'QQQ")
+    assert len(msg) < 400
+    assert len(str(E.PortllmError("y" * 10**6))) == E.MAX_MESSAGE_CHARS

@@ -151,7 +151,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             raise InvalidInputError(f"{path}: tensor {name!r}: unknown header field(s) {', '.join(map(repr, unknown[:3]))}")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise InvalidInputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
+            raise InvalidInputError(f"{path}: tensor {_short(name)}: unknown dtype {_short(dtype)}")
         if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape
         ):
