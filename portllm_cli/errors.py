@@ -18,6 +18,8 @@ EXIT_INCOMPATIBLE = 3
 EXIT_INTEGRITY = 4
 EXIT_INTERRUPTED = 130
 
+MAX_MESSAGE_CHARS = 2000
+
 
 class PortllmError(Exception):
     """Base class: a one-line message, an exit code and an optional hint naming what to do next."""
@@ -25,6 +27,9 @@ class PortllmError(Exception):
     exit_code = EXIT_FAILURE
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
+        # Messages echo names taken from untrusted files; a hostile one must not flood the terminal.
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 1] + "…"
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -65,6 +70,10 @@ class IntegrityError(PortllmError):
 
 class OutputExistsError(PortllmError):
     """The output path exists and --overwrite was not given, or is otherwise unusable."""
+
+
+class NoSpaceError(PortllmError):
+    """The disk filled up (ENOSPC/EDQUOT) while writing; the partial output was removed."""
 
 
 class UnsafeInputError(PortllmError):

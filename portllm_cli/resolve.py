@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from portllm_cli.errors import NotFoundError
+from portllm_cli.errors import InvalidInputError, NotFoundError, UnsafeInputError, UsageError
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
@@ -46,20 +46,43 @@ def split_revision(spec: str) -> tuple[str, str | None]:
 
 
 def looks_like_repo_id(spec: str) -> bool:
-    return bool(_REPO_RE.match(spec)) and not spec.startswith((".", "/", "~"))
+    if not _REPO_RE.match(spec) or spec.startswith((".", "/", "~")):
+        return False
+    repo, _ = split_revision(spec)
+    return not any(part in (".", "..") or part.startswith(".") for part in repo.split("/"))
+
+
+def check_revision(revision: str) -> str:
+    """A branch, tag or commit name; refuses names that would climb out of a cache directory."""
+    if (
+        not revision
+        or revision.startswith(("/", "-"))
+        or "\\" in revision
+        or "\x00" in revision
+        or any(part in ("", ".", "..") for part in revision.split("/"))
+    ):
+        raise UnsafeInputError(f"refusing revision {revision!r} (not a plain branch, tag or commit name)")
+    return revision
 
 
 def resolve(spec: str, *, kind: str, revision: str | None = None) -> Resolved:
     """Resolve a model (kind="model") or patch (kind="patch") argument to a local directory."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"empty {kind} argument: give a local directory or a Hub repo id")
+    if "\x00" in spec:
+        raise UsageError(f"{spec!r}: not a valid {kind} path")
     local = Path(os.path.expanduser(spec))
     if local.exists() or not looks_like_repo_id(spec):
         if not local.exists():
             raise NotFoundError(f"{spec}: no such {kind} directory")
         return Resolved(spec, local)
+    repo_id, rev = split_revision(spec)
+    rev = revision or rev
+    if rev is not None:
+        check_revision(rev)
     from portllm_cli import hub
 
-    repo_id, rev = split_revision(spec)
-    return hub.download(repo_id, revision=revision or rev, kind=kind, spec=spec)
+    return hub.download(repo_id, revision=rev, kind=kind, spec=spec)
 
 
 # -- content hashes of local models (cached: hashing a large model is not free) ----------------
@@ -70,19 +93,30 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, cached by (path, size, mtime) under the portllm cache directory."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    try:
+        st = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     cache = _cache_dir() / "hashes" / key
     try:
-        return cache.read_text().strip()
-    except OSError:
+        cached = cache.read_text().strip()
+        if _HEX64.match(cached):  # a damaged cache entry is recomputed, never trusted
+            return cached
+    except (OSError, UnicodeDecodeError):
         pass
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(16 << 20):
-            h.update(block)
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(16 << 20):
+                h.update(block)
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     digest = h.hexdigest()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny
+from tests.hub_fixtures import hub  # noqa: F401  (the fake Hub fixture, see tests/hub_fixtures.py)
 
 
 @pytest.fixture(autouse=True)

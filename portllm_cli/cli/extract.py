@@ -8,8 +8,17 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from portllm_cli.cli._options import AllowPickleOpt, JsonOpt, OutOpt, OverwriteOpt, QuietOpt, RevisionOpt
+from portllm_cli.cli._options import (
+    AllowPickleOpt,
+    JsonOpt,
+    OutOpt,
+    OverwriteOpt,
+    PushToHubOpt,
+    QuietOpt,
+    RevisionOpt,
+)
 from portllm_cli.cli._output import Output
+from portllm_cli.cli.hub import push_result_if_requested
 from portllm_cli.errors import UsageError
 
 EPILOG = """\
@@ -26,6 +35,9 @@ Examples:
 
   # the smallest rank per module that keeps 99% of each delta's spectrum, only q/v projections
   portllm extract ./ft --base ./base --energy 0.99 --target-modules q_proj,v_proj --json --out ./p
+
+  # extract and publish in one go
+  portllm extract ./my-lora --out ./sst2.patch --push-to-hub me/sst2-patch
 """
 
 
@@ -77,6 +89,7 @@ def extract(
     revision: RevisionOpt = None,
     allow_pickle: AllowPickleOpt = False,
     overwrite: OverwriteOpt = False,
+    push_to_hub: PushToHubOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -116,7 +129,11 @@ def extract(
             )
     for w in result.warnings:
         o.warn(w)
-    o.result(result.as_dict(), lambda console: _human(console, result))
+    doc = result.as_dict()
+    pushed = push_result_if_requested(result.out, push_to_hub, o)
+    if pushed is not None:
+        doc["hub"] = pushed
+    o.result(doc, lambda console: _human(console, result))
 
 
 def _human(console: Any, result: Any) -> None:

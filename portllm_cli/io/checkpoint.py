@@ -8,8 +8,8 @@ then are loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -20,6 +20,7 @@ from portllm_cli.errors import (
     NotFoundError,
     UnsafeInputError,
 )
+from portllm_cli.io import strict_json
 from portllm_cli.io.safetensors import DTYPES, SafetensorsHeader, TensorInfo, read_header, read_tensor
 
 if TYPE_CHECKING:
@@ -29,23 +30,48 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+MAX_JSON_BYTES = 256 << 20  # configs, indexes and manifests are kilobytes; this bounds a hostile one
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
 def read_json(path: Path, what: str = "JSON file") -> Any:
+    """Read a JSON file strictly: duplicate keys and every read or parse failure are InvalidInputError."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or /dev/zero would block or never end
+            raise InvalidInputError(f"{path}: the {what} is not a regular file")
+        if st.st_size > MAX_JSON_BYTES:
+            raise InvalidInputError(f"{path}: the {what} is {st.st_size} bytes, more than the {MAX_JSON_BYTES} portllm reads")
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise NotFoundError(f"{path}: no such {what}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{path}: malformed {what} ({exc})") from None
     except IsADirectoryError:
         raise InvalidInputError(f"{path}: is a directory, expected a {what}") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read the {what} ({exc.strerror or exc.__class__.__name__})") from None
+    return strict_json.loads(raw, where=path, what=what)
 
 
 def safe_member(root: Path, name: str, what: str) -> Path:
-    """Resolve a file name taken from an untrusted index or manifest, refusing path traversal."""
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+    """Resolve a file name taken from an untrusted index or manifest, refusing path traversal.
+
+    Only a plain file name is accepted: no directory separators, no ``.``/``..``, no NUL, no
+    drive prefix; so the result always lies directly inside ``root``.
+    """
+    if not isinstance(name, str):
+        raise InvalidInputError(f"{what}: file name must be a string, got {type(name).__name__}")
+    if (
+        not name
+        or "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or "\x00" in name
+        or (len(name) >= 2 and name[1] == ":")
+        or Path(name).is_absolute()
+    ):
         raise UnsafeInputError(f"{what}: refusing file name {name!r} (must be a plain file name inside {root})")
     return root / name
 
@@ -66,15 +92,21 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, allow_pickle: bool = False, need_config: bool = True) -> "Checkpoint":
         root = Path(path)
+        try:
+            return cls._open(root, allow_pickle=allow_pickle, need_config=need_config)
+        except OSError as exc:  # e.g. an unreadable directory: still one line, never a traceback
+            where = exc.filename or root
+            raise InvalidInputError(f"{where}: cannot read the model ({exc.strerror or exc.__class__.__name__})") from None
+
+    @classmethod
+    def _open(cls, root: Path, *, allow_pickle: bool, need_config: bool) -> "Checkpoint":
         if not root.exists():
             raise NotFoundError(f"{root}: no such model directory")
         if not root.is_dir():
             raise InvalidInputError(f"{root}: expected a model directory, found a file")
         config_path = root / "config.json"
         if config_path.exists():
-            config = read_json(config_path, "model config")
-            if not isinstance(config, dict):
-                raise InvalidInputError(f"{config_path}: model config must be a JSON object")
+            config = validate_config(read_json(config_path, "model config"), config_path)
         elif need_config:
             raise NotFoundError(
                 f"{root}: no config.json (not a Hugging Face model directory)",
@@ -89,7 +121,7 @@ class Checkpoint:
         if singles:
             return cls._open_safetensors(root, config, files=singles)
         pickles = [p for p in (root / PICKLE_INDEX, root / PICKLE_SINGLE) if p.exists()] or sorted(
-            p for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth")
+            p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES
         )
         if pickles:
             if not allow_pickle:
@@ -116,7 +148,7 @@ class Checkpoint:
                 raise InvalidInputError(f"{index_file}: missing or empty 'weight_map'")
             expected = {}
             for name, fname in wm.items():
-                safe_member(root, fname, str(index_file))
+                safe_member(root, fname, f"{index_file}: weight_map[{name!r}]")
                 expected[name] = fname
             files = [root / f for f in dict.fromkeys(expected.values())]
         elif files is None:
@@ -147,10 +179,13 @@ class Checkpoint:
             wm = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(wm, dict) or not wm:
                 raise InvalidInputError(f"{index_file}: missing or empty 'weight_map'")
-            files = [safe_member(root, f, str(index_file)) for f in dict.fromkeys(wm.values())]
+            files = [safe_member(root, f, f"{index_file}: weight_map") for f in dict.fromkeys(wm.values())]
+            for f in files:
+                if not f.is_file():
+                    raise NotFoundError(f"{f}: shard listed in the index is missing")
         else:
             single = root / PICKLE_SINGLE
-            files = [single] if single.exists() else sorted(p for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+            files = [single] if single.exists() else sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
         ckpt = cls(root, config, {}, files, index_file, is_pickle=True)
         for f in files:
             for name in ckpt._load_pickle(f):
@@ -159,14 +194,7 @@ class Checkpoint:
 
     def _load_pickle(self, f: Path) -> dict[str, Any]:
         if f not in self._pickle_cache:
-            import torch
-
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # weights_only refuses arbitrary objects: report, never execute
-                raise UnsafeInputError(f"{f}: cannot be loaded safely with weights_only=True ({exc.__class__.__name__})") from None
-            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-                raise InvalidInputError(f"{f}: not a state dict of tensors")
+            sd = load_pickle_state_dict(f)
             self._pickle_cache.clear()  # keep one shard mapped at a time
             self._pickle_cache[f] = sd
         return self._pickle_cache[f]
@@ -232,6 +260,79 @@ class Checkpoint:
                 continue
             out.append(p)
         return out
+
+
+def load_pickle_state_dict(f: Path) -> dict[str, Any]:
+    """Load a pickle state dict with ``torch.load(weights_only=True)``: tensors only, never code.
+
+    The restricted unpickler refuses every global that is not a tensor type, so a pickle whose
+    ``__reduce__`` calls ``os.system`` is refused (UnsafeInputError) before anything runs.
+    """
+    import pickle
+
+    import torch
+
+    def _load(mmap: bool) -> Any:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+
+    if f.exists() and not f.is_file():
+        raise InvalidInputError(f"{f}: not a regular file")
+    try:
+        try:
+            sd = _load(True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            sd = _load(False)  # the legacy (non-zip) format cannot be mapped; weights_only still holds
+    except pickle.UnpicklingError as exc:
+        first = " ".join(str(exc).split())[:160]
+        raise UnsafeInputError(
+            f"{f}: refused by torch.load(weights_only=True): holds more than tensors ({first})",
+            hint="convert the checkpoint to safetensors in an environment you trust",
+        ) from None
+    except FileNotFoundError:
+        raise NotFoundError(f"{f}: no such file") from None
+    except Exception as exc:  # truncated zip, garbage bytes: report, never execute
+        raise InvalidInputError(f"{f}: not a readable torch checkpoint ({exc.__class__.__name__})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise InvalidInputError(f"{f}: not a state dict of named tensors")
+    return sd
+
+
+CONFIG_INT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "head_dim",
+)
+
+
+def validate_config(config: Any, where: Path) -> dict[str, Any]:
+    """Check the types of the config fields portllm relies on (missing fields are fine)."""
+    if not isinstance(config, dict):
+        raise InvalidInputError(f"{where}: model config must be a JSON object")
+    for cfg, prefix in ((config, ""), (config.get("text_config"), "text_config.")):
+        if cfg is None:
+            continue
+        if not isinstance(cfg, dict):
+            raise InvalidInputError(f"{where}: 'text_config' must be an object")
+        mt = cfg.get("model_type")
+        if mt is not None and not isinstance(mt, str):
+            raise InvalidInputError(f"{where}: '{prefix}model_type' must be a string, got {mt!r}")
+        for k in CONFIG_INT_FIELDS:
+            v = cfg.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise InvalidInputError(f"{where}: '{prefix}{k}' must be a non-negative integer, got {v!r}")
+        tie = cfg.get("tie_word_embeddings")
+        if tie is not None and not isinstance(tie, bool):
+            raise InvalidInputError(f"{where}: '{prefix}tie_word_embeddings' must be true or false, got {tie!r}")
+    arch = config.get("architectures")
+    if arch is not None and (not isinstance(arch, list) or not all(isinstance(a, str) for a in arch)):
+        raise InvalidInputError(f"{where}: 'architectures' must be a list of strings")
+    return config
 
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:

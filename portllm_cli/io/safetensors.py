@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from portllm_cli.errors import IntegrityError, InvalidInputError, NotFoundError
+from portllm_cli.io import strict_json
 
 if TYPE_CHECKING:  # torch is imported lazily so that --help stays instant
     import torch
@@ -40,6 +42,7 @@ DTYPES: dict[str, tuple[int, str]] = {
 }
 
 MAX_HEADER_BYTES = 100_000_000  # same cap as the safetensors library
+MAX_RANK = 64  # more dimensions than any real tensor; bounds the work a hostile header can cause
 COPY_CHUNK = 64 << 20
 
 
@@ -91,10 +94,20 @@ def dtype_name(dtype: "torch.dtype") -> str:
 
 
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
-    """Parse and validate the header of a safetensors file without reading its data."""
+    """Parse and validate the header of a safetensors file without reading its data.
+
+    Refused: an empty or truncated file, a header that is not a JSON object (or has duplicate
+    keys), unknown dtypes, bad shapes, offsets outside the file, offsets that disagree with
+    dtype x shape, overlapping tensors, gaps, and trailing bytes.
+    """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise InvalidInputError(f"{path}: not a regular file")
+        size = st.st_size
         with open(path, "rb") as fh:
             prefix = fh.read(8)
             if len(prefix) < 8:
@@ -111,13 +124,18 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise InvalidInputError(f"{path}: is a directory, expected a safetensors file") from None
     except PermissionError:
         raise InvalidInputError(f"{path}: permission denied") from None
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    except ValueError:  # e.g. an embedded NUL in the path
+        raise InvalidInputError(f"{path!r}: not a valid file name") from None
+    if len(raw) != n:
+        raise InvalidInputError(f"{path}: corrupt safetensors header (file shrank while reading)")
+    doc = strict_json.loads(raw, where=path, what="safetensors header", allow_constants=False)
     if not isinstance(doc, dict):
         raise InvalidInputError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = doc.pop("__metadata__", None) or {}
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -128,29 +146,32 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     for name, spec in doc.items():
         if not isinstance(spec, dict):
             raise InvalidInputError(f"{path}: tensor {name!r}: entry is not an object")
+        unknown = sorted(set(spec) - {"dtype", "shape", "data_offsets"})
+        if unknown:
+            raise InvalidInputError(f"{path}: tensor {name!r}: unknown header field(s) {', '.join(map(repr, unknown[:3]))}")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if dtype not in DTYPES:
-            raise InvalidInputError(f"{path}: tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise InvalidInputError(f"{path}: tensor {_short(name)}: unknown dtype {_short(dtype)}")
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape
         ):
-            raise InvalidInputError(f"{path}: tensor {name!r}: bad shape {shape!r}")
+            raise InvalidInputError(f"{path}: tensor {name!r}: bad shape {_short(shape)}")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2**64 for o in offsets)
         ):
-            raise InvalidInputError(f"{path}: tensor {name!r}: bad data_offsets {offsets!r}")
+            raise InvalidInputError(f"{path}: tensor {name!r}: bad data_offsets {_short(offsets)}")
         b, e = offsets
         expected = math.prod(shape) * DTYPES[dtype][0]
         if not (0 <= b <= e) or e - b != expected:
             raise IntegrityError(
-                f"{path}: tensor {name!r}: header says {dtype} {shape} ({expected} bytes) "
-                f"but its offsets span {e - b} bytes"
+                f"{path}: tensor {name!r}: header says {dtype} {_short(shape)} ({_short(expected)} bytes) "
+                f"but its offsets span {_short(e - b)} bytes"
             )
         if e > data_len:
             raise IntegrityError(
-                f"{path}: tensor {name!r} ends at byte {e} of a {data_len}-byte data section "
+                f"{path}: tensor {name!r} ends at byte {_short(e)} of a {data_len}-byte data section "
                 "(truncated file or lying header)"
             )
         entries.append(TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e))
@@ -170,6 +191,12 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     return SafetensorsHeader(path, n, {t.name: t for t in entries}, dict(metadata), size)
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """repr() cut to a length that keeps an error message on one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def read_tensor(path: str | os.PathLike[str], info: TensorInfo) -> "torch.Tensor":
     """Read one tensor with a plain pread (no mmap, so resident memory stays one tensor)."""
     import torch
@@ -178,15 +205,20 @@ def read_tensor(path: str | os.PathLike[str], info: TensorInfo) -> "torch.Tensor
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
     buf = bytearray(info.nbytes)
-    with open(path, "rb", buffering=0) as fh:
-        fh.seek(info.begin)
-        view = memoryview(buf)
-        got = 0
-        while got < info.nbytes:
-            n = fh.readinto(view[got:])
-            if not n:
-                raise IntegrityError(f"{path}: truncated while reading tensor {info.name!r}")
-            got += n
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(info.begin)
+            view = memoryview(buf)
+            got = 0
+            while got < info.nbytes:
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise IntegrityError(f"{path}: truncated while reading tensor {info.name!r}")
+                got += n
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file (removed while reading tensor {info.name!r})") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read tensor {info.name!r} ({exc.strerror or exc.__class__.__name__})") from None
     return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
 
@@ -209,12 +241,18 @@ def encode_header(
     """
     doc: dict[str, Any] = {}
     if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise InvalidInputError("safetensors metadata must map strings to strings")
         doc["__metadata__"] = dict(metadata)
     offsets: dict[str, tuple[int, int]] = {}
     cursor = 0
     for name, dtype, shape in specs:
         if name in offsets:
             raise InvalidInputError(f"duplicate tensor name {name!r}")
+        if name == "__metadata__":
+            raise InvalidInputError("'__metadata__' is reserved and cannot name a tensor")
+        if dtype not in DTYPES:
+            raise InvalidInputError(f"tensor {name!r}: dtype {dtype!r} cannot be stored in safetensors")
         n = math.prod(shape) * DTYPES[dtype][0]
         offsets[name] = (cursor, cursor + n)
         doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + n]}

@@ -26,6 +26,7 @@ from portllm_cli.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
+    UnsafeInputError,
     UnsupportedError,
 )
 from portllm_cli.io.checkpoint import read_json
@@ -144,35 +145,99 @@ def is_patch_dir(path: Path) -> bool:
 
 
 # -- reading --------------------------------------------------------------------------------
-def _validate_config(cfg: Any, where: Path) -> dict[str, Any]:
+# LoraConfig fields (PEFT 0.21) that portllm understands or that do not change the merged weights.
+KNOWN_CONFIG_KEYS = frozenset(
+    {
+        "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config",
+        "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
+        "init_lora_weights", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+        "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core", "modules_to_save",
+        "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern", "revision",
+        "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora", "lora_bias",
+        "velora_config",
+        # the variants below are refused when set (see _REFUSED_WHEN_SET)
+        "alora_invocation_tokens", "arrow_config", "kasa_config", "layer_replication",
+        "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
+    }
+)
+# Set to anything but null/false/empty, these make an adapter something other than W + scale*B@A.
+_REFUSED_WHEN_SET = {
+    "use_dora": "DoRA adapters cannot be merged linearly; portllm supports plain LoRA",
+    "lora_bias": "adapters with lora_bias are not supported",
+    "use_qalora": "QALoRA adapters act on pooled inputs and cannot be merged as W + scale*B@A",
+    "alora_invocation_tokens": "Activated LoRA (aLoRA) adapters apply only after their invocation tokens and cannot be merged",
+    "layer_replication": "adapters with layer_replication change the model's layer structure",
+    "target_parameters": "adapters on raw parameters (target_parameters) are not supported",
+    "trainable_token_indices": "adapters with trainable token embeddings (trainable_token_indices) are not supported",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA) adapters are not supported",
+    "arrow_config": "Arrow-routed LoRA adapters are not supported",
+    "kasa_config": "KaSA adapters are not supported",
+    "monteclora_config": "MonteCLoRA adapters are not supported",
+}
+# A quantified group that itself holds a quantifier, e.g. (a+)+ : exponential backtracking.
+_NESTED_QUANTIFIER = re.compile(r"\([^()]*[+*}][^()]*\)\s*[+*{]")
+MAX_PATTERN_LEN = 512
+
+
+def _check_patterns(cfg: dict[str, Any], where: Path) -> None:
+    for key, want in (("rank_pattern", "a positive integer"), ("alpha_pattern", "a finite number")):
+        patterns = cfg.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise InvalidInputError(f"{where}: {key!r} must be an object")
+        for pat, value in patterns.items():
+            if len(pat) > MAX_PATTERN_LEN or _NESTED_QUANTIFIER.search(pat):
+                raise UnsafeInputError(f"{where}: {key}: refusing module pattern {pat[:60]!r} (too long or nested quantifiers)")
+            try:
+                re.compile(rf"(.*\.)?({pat})$")
+            except (re.error, RecursionError, OverflowError):
+                raise InvalidInputError(f"{where}: {key}: {pat!r} is not a valid module pattern") from None
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and key == "rank_pattern":
+                ok = isinstance(value, int) and value > 0
+            elif ok:
+                ok = math.isfinite(value)
+            if not ok:
+                raise InvalidInputError(f"{where}: {key}[{pat!r}] must be {want}, got {value!r}")
+
+
+def _validate_config(cfg: Any, where: Path, warnings: list[str] | None = None) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise InvalidInputError(f"{where}: adapter config must be a JSON object")
     peft_type = cfg.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise UnsupportedError(f"{where}: peft_type {peft_type!r} is not a LoRA adapter; portllm ports LoRA patches")
-    r = cfg.get("r")
+    if "r" not in cfg:
+        raise InvalidInputError(f"{where}: 'r' (the LoRA rank) is missing")
+    r = cfg["r"]
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise InvalidInputError(f"{where}: 'r' must be a positive integer, got {r!r}")
     if "lora_alpha" not in cfg:
         raise InvalidInputError(f"{where}: 'lora_alpha' is missing")
     a = cfg["lora_alpha"]
     if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
-        raise InvalidInputError(f"{where}: 'lora_alpha' must be a number, got {a!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        v = cfg.get(key) or {}
-        if not isinstance(v, dict):
-            raise InvalidInputError(f"{where}: {key!r} must be an object")
-    if cfg.get("use_dora"):
-        raise UnsupportedError(f"{where}: DoRA adapters cannot be merged linearly; portllm supports plain LoRA")
-    if cfg.get("lora_bias"):
-        raise UnsupportedError(f"{where}: adapters with lora_bias are not supported")
+        raise InvalidInputError(f"{where}: 'lora_alpha' must be a finite number, got {a!r}")
+    _check_patterns(cfg, where)
+    for key in ("use_rslora", "fan_in_fan_out"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise InvalidInputError(f"{where}: {key!r} must be true or false, got {v!r}")
+    for key, why in _REFUSED_WHEN_SET.items():
+        if cfg.get(key) not in (None, False, [], {}, ""):
+            raise UnsupportedError(f"{where}: {why}")
     if cfg.get("modules_to_save"):
         raise UnsupportedError(
             f"{where}: modules_to_save {cfg['modules_to_save']!r} stores full weights, not a low-rank patch"
         )
     tm = cfg.get("target_modules")
-    if tm is not None and not isinstance(tm, (list, str)):
-        raise InvalidInputError(f"{where}: 'target_modules' must be a list or a string")
+    if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise InvalidInputError(f"{where}: 'target_modules' must be a list of strings or a string")
+    unknown = sorted(k for k in cfg if k not in KNOWN_CONFIG_KEYS)
+    if unknown and warnings is not None:
+        # Newer PEFT versions add fields; PEFT itself ignores unknown ones with a warning, and so
+        # does portllm. Fields known to change the merge are refused above.
+        warnings.append(f"{where}: ignoring unknown adapter config keys {', '.join(map(repr, unknown[:5]))}")
     return cfg
 
 
@@ -249,18 +314,33 @@ def parse_modules(
     return modules
 
 
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_type(doc: dict[str, Any], key: str, types: tuple[type, ...], where: str, what: str) -> None:
+    v = doc.get(key)
+    if v is None:
+        return
+    if isinstance(v, bool) and bool not in types:
+        raise InvalidInputError(f"{where}: {key!r} must be {what}, got {v!r}")
+    if not isinstance(v, types):
+        shown = repr(v) if len(repr(v)) <= 60 else type(v).__name__
+        raise InvalidInputError(f"{where}: {key!r} must be {what}, got {shown}")
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
+    """Read and type-check ``portllm.json``; {} when the directory has none (a plain PEFT adapter)."""
     mpath = path / MANIFEST
-    if not mpath.exists():
+    if not (mpath.exists() or mpath.is_symlink()):
         return {}
     doc = read_json(mpath, "patch manifest")
     if not isinstance(doc, dict):
         raise InvalidInputError(f"{mpath}: manifest must be a JSON object")
     if doc.get("format") != FORMAT_NAME:
-        raise InvalidInputError(f"{mpath}: not a portllm manifest (format={doc.get('format')!r})")
+        raise InvalidInputError(f"{mpath}: not a portllm manifest (format={str(doc.get('format'))[:40]!r})")
     version = doc.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise InvalidInputError(f"{mpath}: 'format_version' must be an integer")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InvalidInputError(f"{mpath}: 'format_version' must be a positive integer")
     if version > FORMAT_VERSION:
         raise UnsupportedError(
             f"{mpath}: patch format version {version} is newer than this portllm understands ({FORMAT_VERSION})",
@@ -269,17 +349,70 @@ def read_manifest(path: Path) -> dict[str, Any]:
     tensors = doc.get("tensors")
     if not isinstance(tensors, dict) or not isinstance(tensors.get("sha256"), str):
         raise InvalidInputError(f"{mpath}: manifest lacks tensors.sha256")
+    if not _SHA256_RE.match(tensors["sha256"]):
+        raise InvalidInputError(f"{mpath}: tensors.sha256 is not a lowercase hex sha256 digest")
     if tensors.get("file", ADAPTER_WEIGHTS) != ADAPTER_WEIGHTS:
-        raise InvalidInputError(f"{mpath}: tensors.file must be {ADAPTER_WEIGHTS!r}")
-    for key in ("base", "lora"):
-        if key in doc and not isinstance(doc[key], dict):
+        # The manifest never chooses which file is read: a name like ../../x is refused here.
+        raise UnsafeInputError(f"{mpath}: tensors.file must be {ADAPTER_WEIGHTS!r}, got {str(tensors.get('file'))[:60]!r}")
+    for key in ("base", "lora", "source", "target"):
+        if key in doc and doc[key] is not None and not isinstance(doc[key], dict):
             raise InvalidInputError(f"{mpath}: {key!r} must be an object")
+    for key in ("portllm_version", "created"):
+        _check_type(doc, key, (str,), str(mpath), "a string")
+    if "ports" in doc and not isinstance(doc["ports"], list):
+        raise InvalidInputError(f"{mpath}: 'ports' must be a list")
+    for key in ("base", "target"):
+        rec = doc.get(key)
+        if not isinstance(rec, dict):
+            continue
+        where = f"{mpath}: {key}"
+        for k in ("model", "revision", "content_hash"):
+            _check_type(rec, k, (str,), where, "a string")
+        fp = rec.get("fingerprint")
+        if fp is None:
+            continue
+        if not isinstance(fp, dict):
+            raise InvalidInputError(f"{where}: 'fingerprint' must be an object")
+        _check_type(fp, "model_type", (str,), f"{where}.fingerprint", "a string")
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "vocab_size", "head_dim"):
+            _check_type(fp, k, (int,), f"{where}.fingerprint", "an integer")
+        mods = fp.get("modules")
+        if mods is not None and (
+            not isinstance(mods, dict)
+            or not all(
+                isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+                for v in mods.values()
+            )
+        ):
+            raise InvalidInputError(f"{where}.fingerprint: 'modules' must map module names to integer shapes")
+    lora = doc.get("lora")
+    if isinstance(lora, dict):
+        for k in ("rank", "r"):
+            _check_type(lora, k, (int,), f"{mpath}: lora", "an integer")
+        for k in ("alpha", "lora_alpha"):
+            _check_type(lora, k, (int, float), f"{mpath}: lora", "a number")
+        _check_type(lora, "use_rslora", (bool,), f"{mpath}: lora", "true or false")
     return doc
 
 
 def read_patch(path: str | os.PathLike[str], *, verify: bool = True) -> Patch:
-    """Read and validate a patch directory (or a plain PEFT adapter directory)."""
+    """Read and validate a patch directory (or a plain PEFT adapter directory).
+
+    With ``verify`` (the default) the weights must match the manifest's sha256. Always: the
+    config and manifest are type-checked, the safetensors header is validated, every key must be
+    a LoRA factor, every module needs both factors of matching rank, and a factor holding NaN or
+    Inf is an IntegrityError naming the module.
+    """
     path = Path(path)
+    try:
+        return _read_patch(path, verify=verify)
+    except OSError as exc:  # unreadable files or directories: one line, never a traceback
+        where = exc.filename or path
+        raise InvalidInputError(f"{where}: cannot read the patch ({exc.strerror or exc.__class__.__name__})") from None
+
+
+def _read_patch(path: Path, *, verify: bool) -> Patch:
     if not path.exists():
         raise NotFoundError(f"{path}: no such patch directory")
     if not path.is_dir():
@@ -295,9 +428,11 @@ def read_patch(path: str | os.PathLike[str], *, verify: bool = True) -> Patch:
                 hint="re-save the adapter with safe_serialization=True",
             )
         raise NotFoundError(f"{path}: no {ADAPTER_WEIGHTS}")
-    cfg = _validate_config(read_json(cfg_path, "adapter config"), cfg_path)
-    manifest = read_manifest(path)
+    if not weights.is_file():
+        raise InvalidInputError(f"{weights}: expected a file")
     warnings: list[str] = []
+    cfg = _validate_config(read_json(cfg_path, "adapter config"), cfg_path, warnings)
+    manifest = read_manifest(path)
     if manifest:
         if verify:
             digest = sha256_file(weights)
