@@ -39,3 +39,22 @@ def test_extract_push_to_hub_failure_keeps_local_patch(hub, llama_lora_dir, llam
     assert len([line for line in r.stderr.splitlines() if line.startswith("Error:")]) == 1
     assert "hf_not_a_valid_token" not in r.stderr + r.stdout
     assert (out / "portllm.json").exists()  # the local result is complete and kept
+
+
+def test_port_hub_patch_onto_local_model_and_push_adapter(hub, llama_lora_dir, llama_dir, llama_evolved_dir, tmp_path):
+    """`port --patch user/repo@rev` pulls through the Hub cache; --push-to-hub publishes the result."""
+    patch = tmp_path / "patch"
+    r = CliRunner().invoke(app, ["extract", str(llama_lora_dir), "--base", str(llama_dir), "--out", str(patch),
+                                 "--push-to-hub", "alice/src", "--json"])
+    assert r.exit_code == 0, r.stderr
+    rev = json.loads(r.stdout)["hub"]["commit_id"]
+    out = tmp_path / "adapter"
+    r = CliRunner().invoke(app, ["port", "--patch", f"alice/src@{rev}", "--to", str(llama_evolved_dir), "--as-adapter",
+                                 "--out", str(out), "--push-to-hub", "alice/ported", "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["hub"]["commit_id"] == hub.head("alice/ported")
+    stored = hub.files("alice/ported")
+    assert stored["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+    cfg = json.loads(stored["adapter_config.json"])
+    assert cfg["base_model_name_or_path"] == str(llama_evolved_dir.resolve())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from typing import Annotated
 
 import typer
@@ -14,10 +13,12 @@ from portllm_cli.cli._options import (
     OutOpt,
     OverwriteOpt,
     PatchOpt,
+    PushToHubOpt,
     QuietOpt,
     RevisionOpt,
 )
 from portllm_cli.cli._output import Output
+from portllm_cli.cli.hub import push_result_if_requested
 
 EPILOG = """\
 Examples:
@@ -30,6 +31,9 @@ Examples:
 
   # half strength, reread and check every written byte, machine-readable result
   portllm port -p ./sst2.patch --to ./llama-v2 -o ./out --scale 0.5 --verify --json
+
+  # a patch from the Hub onto a model from the Hub; publish the retargeted adapter
+  portllm port -p team/sst2-patch@v1 --to mistralai/Mistral-7B-v0.3 --as-adapter -o ./a --push-to-hub me/sst2-v0.3
 
 Exit codes: 0 ok, 1 failure, 2 usage, 3 patch does not fit the model, 4 integrity check failed.
 """
@@ -69,6 +73,7 @@ def port(
     no_verify: NoVerifyOpt = False,
     allow_pickle: AllowPickleOpt = False,
     revision: RevisionOpt = None,
+    push_to_hub: PushToHubOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -98,7 +103,8 @@ def port(
         f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s"
         + (" (verified)" if result.verified else "")
     )
-    o.result(result.as_dict(), str(result.out))
-    # With torch loaded, the interpreter's final garbage collection takes about a second; nothing
-    # is left to clean up here, so move every live object out of the collector's reach.
-    gc.freeze()
+    doc = result.as_dict()
+    pushed = push_result_if_requested(result.out, push_to_hub, o)
+    if pushed is not None:
+        doc["hub"] = pushed
+    o.result(doc, str(result.out))
