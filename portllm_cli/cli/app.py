@@ -119,7 +119,9 @@ def root(
 def _register() -> None:
     # Command modules import only typer at import time; torch and friends load inside the bodies.
     # Each command adds one import and one registration line here.
-    pass
+    from portllm_cli.cli import eval as eval_cmd
+
+    app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_command)
 
 
 _register()
