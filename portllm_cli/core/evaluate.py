@@ -56,6 +56,8 @@ class ConfigResult:
     patch: str | None  # the --patch spec as typed, None for the model alone
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {metric, value, stderr, n}
     lm_eval_results: dict[str, Any] = field(default_factory=dict)  # task -> lm-eval's own structure
+    # task -> lm-eval's per-example records (only with log samples; not part of the JSON document)
+    samples: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -825,11 +827,11 @@ def evaluate_loaded(
             for pname, patch, key_map in todo:
                 ctx = patched(model_obj, patch, key_map) if patch is not None else contextlib.nullcontext()
                 with ctx:
-                    scores, sections, _ = run_tasks(lm, plan, limit=limit, num_fewshot=num_fewshot,
-                                                    log_samples=log_samples)
+                    scores, sections, samples = run_tasks(lm, plan, limit=limit, num_fewshot=num_fewshot,
+                                                          log_samples=log_samples)
                 done += len(tasks)
                 report("eval", done, total)
-                rows.append(ConfigResult(model_name, pname, scores, sections))
+                rows.append(ConfigResult(model_name, pname, scores, sections, samples))
     return rows
 
 
@@ -922,12 +924,13 @@ def evaluate(
                             lm, plan, limit=limit, num_fewshot=num_fewshot,
                             log_samples=samples_tmp is not None, on_task=tick,
                         )
-                    rows.append(ConfigResult(m.spec, c.patch.spec if c.patch else None, scores, sections))
                     if samples_tmp is not None:
                         _write_samples(Path(samples_tmp), index, c.name, samples)
+                    rows.append(ConfigResult(m.spec, c.patch.spec if c.patch else None, scores, sections, samples))
                     index += 1
                 del lm, model_obj, tok
-                _free_memory()
+                if m is not loaded_models[-1]:
+                    _free_memory()  # before the next model is loaded
     settings = {
         "models": models, "patches": patches, "limit": limit, "num_fewshot": num_fewshot, "batch_size": bs,
         "device": dev, "dtype": dtype, "only": only or None,
