@@ -268,7 +268,7 @@ def test_model_that_cannot_be_loaded(tmp_path, llama_dir, sst2_file):
     (broken / "config.json").write_text(json.dumps(cfg))
     res = _invoke("-m", str(broken), "-t", "sst2", "--data", f"sst2={sst2_file}")
     assert res.exit_code == 1
-    assert res.stderr.startswith(f"Error: {broken}: cannot load the model")
+    assert res.stderr.startswith(f"Error: {broken}: ") and "causal language model" in res.stderr
 
 
 def test_data_directory_named_by_task(tmp_path, llama_dir, sst2_file):

@@ -476,34 +476,12 @@ def plan_tasks(tasks: list[str], data: dict[str, Path], data_dir: Path | None, i
 
 
 # -- models -----------------------------------------------------------------------------------
-def resolve_device(device: str) -> str:
-    import torch
-
-    device = (device or "auto").lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UnsupportedError(f"--device {device}: no CUDA device is available", hint="use --device cpu")
-    return device
-
-
 def load_model(path: Path, *, dtype: str, device: str, trust_remote_code: bool, allow_pickle: bool) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local safetensors directory."""
-    import torch
-    import transformers
+    """The model (eval mode, on ``device``) and its tokenizer, loaded as finetune and demo load them."""
+    from portllm_cli.core.models import load_causal_lm, load_tokenizer
 
-    torch_dtype: Any = "auto" if dtype in (None, "auto") else getattr(torch, dtype)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-    if not allow_pickle:
-        kwargs["use_safetensors"] = True
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
-        first = " ".join(str(exc).split())[:300]
-        raise InvalidInputError(f"{path}: cannot load the model ({exc.__class__.__name__}: {first})") from None
-    model.to(device)
-    model.eval()
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(path, dtype, device, trust_remote_code, allow_pickle=allow_pickle)
     return model, tok
 
 
@@ -860,6 +838,7 @@ def evaluate(
 ) -> EvalReport:
     """Evaluate every model alone and with every patch that fits it, on every task."""
     from portllm_cli.io.atomic import atomic_output_dir, check_output
+    from portllm_cli.core.models import check_causal_lm
     from portllm_cli.io.checkpoint import Checkpoint
     from portllm_cli.patch.format import read_patch
     from portllm_cli.resolve import resolve
@@ -880,7 +859,11 @@ def evaluate(
     loaded_models = []
     for spec in models:
         res = resolve(spec, kind="model")
-        loaded_models.append(_Model(spec, res.path, Checkpoint.open(res.path, allow_pickle=allow_pickle)))
+        # the checkpoint's names and shapes are what a patch is checked against; a model evaluated
+        # without patches may also be a GGUF directory, which only the loader reads
+        ckpt = Checkpoint.open(res.path, allow_pickle=allow_pickle) if patches else None
+        check_causal_lm(res.path, trust_remote_code, allow_pickle=allow_pickle)  # fail before any scoring
+        loaded_models.append(_Model(spec, res.path, ckpt))
     loaded_patches = []
     for spec in patches:
         res = resolve(spec, kind="patch")
@@ -888,6 +871,8 @@ def evaluate(
     configs, skipped = plan_configurations(loaded_models, loaded_patches, only)
 
     local_data = bool(data) or data_dir is not None
+    from portllm_cli.core.models import resolve_device
+
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, _env(_offline_vars(local_data)), _offline_modules(local_data):
         plan = plan_tasks(tasks, data, data_dir, Path(tmp))
