@@ -322,7 +322,8 @@ def test_local_task_yaml_for_multi_context_and_generation(tmp_path):
     gsm = tmp_path / "g.jsonl"
     gsm.write_text(json.dumps({"question": "2+3?", "answer": "2 plus 3 is 5\n#### 5"}) + "\n")
     g = core.load_local_task("gsm8k", gsm)
-    assert g.kind == "generate" and g.docs[0]["answer"] == "5" and g.metric_key == "exact_match,strict-match"
+    assert g.kind == "generate" and g.metric_key == "exact_match,strict-match"
+    assert g.docs == [{"query": "Question: 2+3?\nAnswer:", "answer": " 2 plus 3 is 5\n#### 5"}]
     paths = core.write_local_tasks([t, g], tmp_path)
     cfg = yaml.safe_load(paths["winogrande"].read_text())
     assert cfg["doc_to_text"] == "gold" and cfg["target_delimiter"] == ""
@@ -422,3 +423,24 @@ def test_smollm2_zero_shot_polarity_well_above_chance(tmp_path):
     # chance is 0.5; 0.6 is about three standard errors above it on 200 balanced sentences
     print(f"SmolLM2-135M-Instruct zero-shot polarity accuracy: {score['value']:.3f} ± {score['stderr']:.3f}")
     assert score["value"] >= 0.6, score
+
+
+def test_multi_context_and_generation_tasks_run_end_to_end(tmp_path, llama_dir):
+    from portllm_cli.core.evaluate import evaluate
+
+    wino = tmp_path / "winogrande.jsonl"
+    wino.write_text("".join(json.dumps({"sentence": f"The cup {i} fell off the table because _ was wobbly.",
+                                        "option1": "the cup", "option2": "the table", "answer": "2"}) + "\n"
+                            for i in range(3)))
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"What is {i} plus 3?", "answer": f"{i} plus 3 is {i + 3}\n#### {i + 3}"})
+                           + "\n" for i in range(2)))
+    rep = evaluate([str(llama_dir)], [], ["winogrande", "gsm8k"], data_dir=tmp_path, device="cpu")
+    (row,) = rep.rows
+    assert row.scores["winogrande"]["metric"] == "acc" and row.scores["winogrande"]["n"] == 3
+    assert row.scores["winogrande"]["value"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    gs = row.scores["gsm8k"]
+    assert gs["metric"] == "exact_match (strict-match)" and gs["n"] == 2
+    # a random tiny model never writes '#### N'
+    assert gs["value"] == 0.0
+    assert "exact_match,flexible-extract" in row.lm_eval_results["gsm8k"]["results"]

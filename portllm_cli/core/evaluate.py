@@ -278,13 +278,6 @@ class LocalTask:
         return "acc,none"
 
 
-def final_answer(target: str) -> str:
-    """The number after the last '####' of a GSM8K-style worked answer (the whole text otherwise)."""
-    if "####" in target:
-        target = target.rsplit("####", 1)[1]
-    return target.strip().replace(",", "")
-
-
 def docs_from_examples(examples: list[Any], *, where: str) -> tuple[str, list[dict[str, Any]], bool]:
     """Normalize recipe Examples (prompt, choices, label, target, prompts) to lm-eval docs."""
     if not examples:
@@ -309,7 +302,7 @@ def docs_from_examples(examples: list[Any], *, where: str) -> tuple[str, list[di
             target = str(ex.target)
             if "####" in target:
                 answer_regex = True
-            docs.append({"query": ex.prompt, "answer": final_answer(target) if "####" in target else target.strip()})
+            docs.append({"query": ex.prompt, "answer": target})
     if len(kinds) != 1:
         raise InvalidInputError(f"{where}: examples mix task kinds {sorted(kinds)}")
     return kinds.pop(), docs, answer_regex
@@ -337,13 +330,15 @@ def task_yaml(task: LocalTask, data_file: Path) -> dict[str, Any]:
             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
         ]
     else:
-        cfg.update(output_type="generate_until", doc_to_text="query", doc_to_target="answer")
+        # the target keeps the recipe's leading delimiter, so few-shot examples read as lm-eval's do
+        cfg.update(output_type="generate_until", doc_to_text="query", doc_to_target="answer", target_delimiter="")
         em = {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True,
               "ignore_punctuation": False}
         if task.answer_regex:
-            em["regexes_to_ignore"] = [",", "\\$", "\\.$", "^\\s+", "\\s+$"]
-            cfg["generation_kwargs"] = {"until": ["Question:", "</s>", "<|im_end|>", "\n\n\n"],
-                                        "do_sample": False, "max_gen_toks": 256}
+            # lm_eval/tasks/gsm8k/gsm8k.yaml: the reference is reduced to the number after '#### '
+            em["regexes_to_ignore"] = [",", "\\$", "(?s).*#### ", "\\.$", "^\\s+", "\\s+$"]
+            cfg["generation_kwargs"] = {"until": ["Question:", "</s>", "<|im_end|>"], "do_sample": False,
+                                        "temperature": 0.0}
             cfg["filter_list"] = [
                 {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": GSM8K_STRICT},
                                                     {"function": "take_first"}]},
@@ -353,7 +348,7 @@ def task_yaml(task: LocalTask, data_file: Path) -> dict[str, Any]:
             ]
         else:
             em["regexes_to_ignore"] = ["^\\s+", "\\s+$"]
-            cfg["generation_kwargs"] = {"until": ["\n"], "do_sample": False, "max_gen_toks": 64}
+            cfg["generation_kwargs"] = {"until": ["\n"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 128}
         cfg["metric_list"] = [em]
     cfg["metadata"] = {"version": 1.0, "source": str(task.source.resolve())}
     return cfg
@@ -716,6 +711,10 @@ def run_tasks(
     samples: dict[str, list[Any]] = {}
     for t in plan.names:
         lm_name = plan.lm_names[t]
+        gen_kwargs = None
+        if t in plan.local and plan.local[t].kind == "generate":
+            # lm-eval's default of 256 new tokens does not fit small context windows
+            gen_kwargs = {"max_gen_toks": max(1, min(256, int(lm.max_length) // 2))}
         try:
             res = simple_evaluate(
                 model=lm,
@@ -724,6 +723,7 @@ def run_tasks(
                 limit=limit,
                 num_fewshot=num_fewshot,
                 log_samples=log_samples,
+                gen_kwargs=gen_kwargs,
             )
         except (ConnectionError, OSError, TimeoutError) as exc:
             raise _data_error(t, exc) from None
@@ -775,7 +775,7 @@ def evaluate_loaded(
     tasks: list[str],
     *,
     data: dict[str, Path] | None = None,
-    patches: list[tuple[str, Any, dict[str, str]]] | None = None,
+    patches: list[tuple[str, Any, dict[str, str] | None]] | None = None,
     model_name: str = "model",
     limit: int | None = None,
     num_fewshot: int | None = None,
@@ -784,6 +784,9 @@ def evaluate_loaded(
     progress: ProgressFn | None = None,
 ) -> list[ConfigResult]:
     """Score a model already in memory, alone and with each (name, Patch, key_map) merged in turn.
+
+    ``key_map`` (patch module -> weight name, from check_compatibility) may be None: the module's
+    own ``<module>.weight`` parameter is used then.
 
     For callers that hold the model (the demo). Local tasks only need ``data``; any other task name
     must be an lm-eval task whose data is reachable.
@@ -803,6 +806,8 @@ def evaluate_loaded(
             done = 0
             report = progress or no_progress
             for pname, patch, key_map in todo:
+                if patch is not None and not key_map:
+                    key_map = {m: f"{m}.weight" for m in patch.modules}
                 ctx = patched(model_obj, patch, key_map) if patch is not None else contextlib.nullcontext()
                 with ctx:
                     scores, sections, samples = run_tasks(lm, plan, limit=limit, num_fewshot=num_fewshot,
