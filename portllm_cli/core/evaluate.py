@@ -103,14 +103,11 @@ class EvalReport:
     log_samples_dir: Path | None = None
     elapsed_s: float = 0.0
 
-    def best(self, task: str) -> str | None:
-        """Name of the best configuration on a task (highest value; first on ties)."""
-        best_name, best_val = None, None
-        for row in self.rows:
-            v = row.scores.get(task, {}).get("value")
-            if v is not None and (best_val is None or v > best_val):
-                best_name, best_val = row.name, v
-        return best_name
+    def best(self, task: str) -> list[str]:
+        """Names of the best configurations on a task (the highest value; several on a tie)."""
+        vals = {r.name: r.scores.get(task, {}).get("value") for r in self.rows}
+        top = max((v for v in vals.values() if v is not None), default=None)
+        return [] if top is None else [n for n, v in vals.items() if v == top]
 
     def as_dict(self) -> dict[str, Any]:
         return {
