@@ -446,3 +446,15 @@ def test_multi_context_and_generation_tasks_run_end_to_end(tmp_path, llama_dir):
     # a random tiny model never writes '#### N'
     assert gs["value"] == 0.0
     assert "exact_match,flexible-extract" in row.lm_eval_results["gsm8k"]["results"]
+
+
+def test_two_patches_on_one_model(llama_dir, llama_lora_dir, strong_patch, sst2_file):
+    """Each patch is scored on the pristine model: the second row does not carry the first patch."""
+    from portllm_cli.core.evaluate import evaluate
+
+    kw = dict(data={"sst2": sst2_file}, limit=6, device="cpu")
+    both = evaluate([str(llama_dir)], [str(llama_lora_dir), str(strong_patch)], ["sst2"], log_samples_dir=None, **kw)
+    alone = evaluate([str(llama_dir)], [str(strong_patch)], ["sst2"], only=[f"{llama_dir}+{strong_patch}"], **kw)
+    assert [r.patch for r in both.rows] == [None, str(llama_lora_dir), str(strong_patch)]
+    assert both.rows[2].lm_eval_results["sst2"]["results"] == alone.rows[0].lm_eval_results["sst2"]["results"]
+    assert [(g.patch, g.task) for g in both.gains] == [(str(llama_lora_dir), "sst2"), (str(strong_patch), "sst2")]

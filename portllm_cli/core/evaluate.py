@@ -414,23 +414,12 @@ class TaskPlan:
 
 
 def _builtin_name(task: str) -> str:
-    """A recipe name maps to its lm-eval task (sst2 -> sst2, ...); any other name passes through."""
-    try:
-        from portllm_cli.core import tasks as recipes
-    except ImportError:  # recipes not installed: lm-eval names only
-        return task
+    """A recipe name maps to the lm-eval task it mirrors (sst2 -> sst2, ...); others pass through."""
+    from portllm_cli.core import tasks as recipes
+
     if task in recipes.recipe_names():
-        lm = getattr(recipes.get_recipe(task), "lm_eval_task", None)
-        return lm or task
+        return recipes.get_recipe(task).lm_eval_task or task
     return task
-
-
-def _recipe_names() -> list[str]:
-    try:
-        from portllm_cli.core import tasks as recipes
-    except ImportError:
-        return []
-    return list(recipes.recipe_names())
 
 
 def plan_tasks(tasks: list[str], data: dict[str, Path], data_dir: Path | None, include_dir: Path) -> TaskPlan:
@@ -457,7 +446,9 @@ def plan_tasks(tasks: list[str], data: dict[str, Path], data_dir: Path | None, i
             continue
         name = _builtin_name(t)
         if name not in tm.all_tasks:
-            pool = sorted(set(tm.all_tasks) | set(_recipe_names()))
+            from portllm_cli.core import tasks as recipes
+
+            pool = sorted(set(tm.all_tasks) | set(recipes.recipe_names()))
             close = difflib.get_close_matches(t, pool, n=5, cutoff=0.6)
             raise UsageError(
                 f"unknown task {t!r}" + (f"; close matches: {', '.join(close)}" if close else ""),
@@ -489,33 +480,35 @@ def _param_for(model: Any, params: dict[str, Any], module: str, key: str) -> Any
 
 @contextlib.contextmanager
 def patched(model: Any, patch: Any, key_map: dict[str, str]) -> Iterator[dict[str, "torch.Tensor"]]:
-    """Merge a patch into the live weights; on exit copy the originals back and check them bitwise."""
+    """Merge a patch into the live weights; on exit copy the originals back and check them bitwise.
+
+    Only the targeted weights are copied aside, once per storage: two modules whose weights share
+    memory (tied weights) both get their delta, and the one saved copy restores both.
+    """
     import torch
 
     params = dict(model.named_parameters())
-    saved: dict[str, tuple[Any, torch.Tensor]] = {}
+    saved: dict[int, tuple[str, Any, torch.Tensor]] = {}  # storage address -> (name, param, original)
     try:
         with torch.no_grad():
             for module, key in key_map.items():
                 p = _param_for(model, params, module, key)
-                if key in saved:
-                    continue
-                lora = patch.modules[module]
-                delta = lora.delta().to(p.device)
+                delta = patch.modules[module].delta().to(p.device)
                 if tuple(delta.shape) != tuple(p.shape):
                     raise IncompatibleError(
-                        f"patch module {module}: delta shape {tuple(delta.shape)} does not match the loaded weight {tuple(p.shape)}"
+                        f"patch module {module}: delta shape {tuple(delta.shape)} does not match the loaded "
+                        f"weight {tuple(p.shape)}"
                     )
-                saved[key] = (p, p.detach().clone())
+                saved.setdefault(p.data_ptr(), (key, p, p.detach().clone()))
                 # Same arithmetic as `portllm port`: accumulate in fp32, cast once.
                 p.copy_((p.float() + delta).to(p.dtype))
-        yield {k: v for k, (_, v) in saved.items()}
+        yield {name: orig for name, _, orig in saved.values()}
     finally:
         with torch.no_grad():
-            for key, (p, orig) in saved.items():
+            for _, p, orig in saved.values():
                 p.copy_(orig)
-        bad = [k for k, (p, orig) in saved.items() if not torch.equal(p, orig)]
-        if bad:  # would mean the weights alias something else: later rows would be wrong
+        bad = [name for name, p, orig in saved.values() if not torch.equal(p, orig)]
+        if bad:  # later rows would be scored on the wrong weights
             raise PortllmError(f"internal error: {len(bad)} weights were not restored bitwise after a patch ({bad[0]})")
 
 
