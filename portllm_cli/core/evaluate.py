@@ -873,12 +873,13 @@ def evaluate(
     local_data = bool(data) or data_dir is not None
     with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, _env(_offline_vars(local_data)), \
             _offline_modules(local_data):
+        total = len(configs) * len(tasks)
+        done = 0
+        # lm-eval's built-in task index (only built when a built-in task is named) takes a while
+        report("eval · reading tasks", 0, total)
         plan = plan_tasks(tasks, data, data_dir, Path(tmp))
         from lm_eval.models.huggingface import HFLM
 
-        total = len(configs) * len(tasks)
-        done = 0
-        report("eval", 0, total)
         rows: list[ConfigResult] = []
         out_ctx = (atomic_output_dir(Path(log_samples_dir), overwrite=overwrite) if log_samples_dir is not None
                    else contextlib.nullcontext(None))
