@@ -119,7 +119,9 @@ def root(
 def _register() -> None:
     # Command modules import only typer at import time; torch and friends load inside the bodies.
     # Each command adds one import and one registration line here.
-    pass
+    from portllm_cli.cli import finetune as _finetune
+
+    app.command("finetune", epilog=_finetune.EPILOG)(_finetune.finetune)
 
 
 _register()
