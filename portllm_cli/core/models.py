@@ -83,6 +83,32 @@ def _check_model_dir(path: Path, allow_pickle: bool) -> str | None:
     return gguf
 
 
+def check_causal_lm(path: Path, trust_remote_code: bool = False, *, allow_pickle: bool = False) -> None:
+    """Fail with one line, before anything heavy loads, when a directory is not a causal LM."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(path)
+    if _check_model_dir(path, allow_pickle):
+        return  # GGUF: transformers only converts causal LM architectures from GGUF
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        msg = " ".join(str(exc).split())
+        if "trust_remote_code" in msg:
+            raise UnsafeInputError(f"{path}: the model needs its own code to load",
+                                   hint="pass --trust-remote-code if you trust its source") from None
+        raise InvalidInputError(f"{path}: not a causal language model ({msg[:160]})") from None
+    except (OSError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"{path}: unreadable model config ({' '.join(str(exc).split())[:160]})") from None
+    auto_map = getattr(cfg, "auto_map", None) or {}
+    if cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (trust_remote_code and "AutoModelForCausalLM" in auto_map):
+        return
+    arch = ", ".join(getattr(cfg, "architectures", None) or []) or cfg.model_type
+    raise InvalidInputError(f"{path}: not a causal language model ({arch})",
+                            hint="pass a decoder-only model such as Llama, Mistral, Qwen2 or Gemma")
+
+
 def load_causal_lm(
     path: Path,
     dtype: str = "auto",

@@ -480,6 +480,7 @@ def finetune(
     else:
         data_record = {"hub_dataset": recipe.hub_dataset, "hub_config": recipe.hub_config,
                        "split": recipe.train_split, "rows": len(rows)}
+    _models.check_causal_lm(res.path, trust_remote_code)
     tok = _models.load_tokenizer(res.path, trust_remote_code)
     feats = build_features(recipe, rows, tok, max_length)
     if not feats:
