@@ -26,9 +26,9 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from portllm_cli.core import models as _models
 from portllm_cli.core.progress import ProgressFn, no_progress
@@ -489,6 +489,10 @@ def finetune(
 
     accelerator, mixed_precision = _make_accelerator(device, dtype)
     dev = str(accelerator.device)
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    if sharded and (save_every or resume):
+        raise UsageError(f"--save-every/--resume are not supported under {accelerator.distributed_type.value} "
+                         "(the weights are sharded); use plain data parallel, or run without them")
     torch.manual_seed(seed)
     base = _models.load_causal_lm(res.path, dtype, None, trust_remote_code)
     orig_dtype = _source_dtype(res.path)
@@ -616,6 +620,8 @@ def finetune(
     peak, peak_kind = _peak_memory(dev)
     final_loss = losses[-1] if losses else float("nan")
     unwrapped = accelerator.unwrap_model(net)
+    # FSDP / DeepSpeed shard the weights: gathering the full state dict is a collective call
+    gathered = accelerator.get_state_dict(net) if sharded else None
     result = FinetuneResult(
         out=out, steps=step, epochs=step / steps_per_epoch, final_loss=final_loss, losses=list(losses),
         tokens_per_s=tokens_per_s, peak_memory_bytes=peak, peak_memory_kind=peak_kind, wall_s=0.0,
@@ -634,14 +640,14 @@ def finetune(
         with atomic_output_dir(out, overwrite=overwrite, inputs=tuple(p for p in (res.path, data_path) if p)) as tmp:
             training["wall_s"] = round(time.perf_counter() - t_start, 3)
             if full:
-                _write_model(unwrapped, tok, tmp, orig_dtype if dtype == "auto" else None)
+                _write_model(unwrapped, tok, tmp, orig_dtype if dtype == "auto" else None, gathered)
                 doc = {"format": "portllm-train", "base": base_record, "task": recipe.name, "data": data_record,
                        "hyperparameters": settings, "training": training}
                 (tmp / TRAIN_RECORD).write_text(json.dumps(doc, indent=2) + "\n")
                 result.manifest = doc
             else:
                 result.manifest = _write_patch(unwrapped, tmp, res, recipe, base_record, data_record, settings,
-                                               training, rank, alpha, dropout, targets)
+                                               training, rank, alpha, dropout, targets, gathered)
         progress("write", 1, 1)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and ckpt_root.exists():
@@ -693,25 +699,31 @@ def _source_dtype(path: Path) -> str | None:
     return cfg.get("dtype") or cfg.get("torch_dtype")
 
 
-def _write_model(model: Any, tok: Any, out_dir: Path, orig_dtype: str | None) -> None:
+def _write_model(model: Any, tok: Any, out_dir: Path, orig_dtype: str | None,
+                 state_dict: dict[str, Any] | None = None) -> None:
     import torch
 
     if orig_dtype in ("bfloat16", "float16"):
-        model = model.to(getattr(torch, orig_dtype))  # keep the source's storage dtype
+        cast = getattr(torch, orig_dtype)  # keep the source's storage dtype
+        if state_dict is None:
+            model = model.to(cast)
+        else:
+            state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
     if getattr(model.config, "use_cache", None) is False:
         model.config.use_cache = True
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(out_dir)
 
 
 def _write_patch(model: Any, out_dir: Path, res: Any, recipe: Recipe, base_record: dict[str, Any],
                  data_record: dict[str, Any], settings: dict[str, Any], training: dict[str, Any],
-                 rank: int, alpha: float, dropout: float, targets: list[str]) -> dict[str, Any]:
+                 rank: int, alpha: float, dropout: float, targets: list[str],
+                 full_state: dict[str, Any] | None = None) -> dict[str, Any]:
     from peft import get_peft_model_state_dict
 
     from portllm_cli.patch import format as fmt
 
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model, state_dict=full_state)
     cfg = fmt.adapter_config(base_model=res.record_id, rank=rank, alpha=alpha, target_modules=targets,
                              dropout=dropout)
     modules = fmt.parse_modules({k: v.detach().cpu().contiguous() for k, v in state.items()}, cfg, out_dir)
