@@ -30,6 +30,17 @@ SENTENCES = [
 FAST = dict(max_length=32, device="cpu", batch_size=4)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models train ~50x faster on one thread than on two contended ones (OpenMP spin-waits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("PORTLLM_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)
+
+
 def _jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -78,6 +78,9 @@ def finetune(
     from portllm_cli.core import train
     from portllm_cli.core.tasks import parse_label_map
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own bar shows each phase
     o = Output(json_mode=json_out, quiet=quiet)
     with o.progress() as progress:
         result = train.finetune(

@@ -451,6 +451,8 @@ def finetune(
 
     t_start = time.perf_counter()
     progress = progress or no_progress
+    if os.environ.get("RANK", "0") != "0":
+        progress = no_progress  # under accelerate launch only the main process draws
     dtype = str(getattr(dtype, "value", dtype))
     device = str(getattr(device, "value", device))
     _validate(rank, alpha, dropout, lr, epochs, max_steps, batch_size, grad_accum, max_length, save_every, warmup_steps)
@@ -472,7 +474,7 @@ def finetune(
             )
 
     # data first: a bad file fails in a second, before the model loads
-    progress("load data", 0, None)
+    progress("load data", 0, 1)
     rows = load_rows(recipe, data_path, split="train", text_field=text_field, label_field=label_field,
                      label_map=label_map)
     if data_path is not None:
@@ -483,6 +485,7 @@ def finetune(
     _models.check_causal_lm(res.path, trust_remote_code)
     tok = _models.load_tokenizer(res.path, trust_remote_code)
     feats = build_features(recipe, rows, tok, max_length)
+    progress("load data", 1, 1)
     if not feats:
         raise InvalidInputError(f"{data_path or recipe.hub_dataset}: no training examples after tokenization "
                                 "(the dataset is empty or every answer was cut off)")
@@ -494,7 +497,9 @@ def finetune(
         raise UsageError(f"--save-every/--resume are not supported under {accelerator.distributed_type.value} "
                          "(the weights are sharded); use plain data parallel, or run without them")
     torch.manual_seed(seed)
+    progress("load model", 0, 1)
     base = _models.load_causal_lm(res.path, dtype, None, trust_remote_code)
+    progress("load model", 1, 1)
     orig_dtype = _source_dtype(res.path)
 
     settings: dict[str, Any] = {
