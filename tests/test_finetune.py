@@ -254,6 +254,25 @@ def test_full_continued_pretraining_writes_loadable_model(tmp_path, llama_dir):
     transformers.AutoTokenizer.from_pretrained(out)
 
 
+@pytest.mark.slow
+def test_data_parallel_two_processes(tmp_path, llama_dir, sst2_file):
+    """torchrun (what accelerate launch starts) with 2 CPU processes: one JSON document, one patch."""
+    out = tmp_path / "ddp.patch"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "portllm_cli", "finetune",
+           "-m", str(llama_dir), "-t", "sst2", "--data", str(sst2_file), "--out", str(out), "--max-steps", "3",
+           "--max-length", "32", "--device", "cpu", "--save-every", "2", "--keep-checkpoints", "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)  # exactly one document: only the main process reports
+    assert doc["num_processes"] == 2 and doc["steps"] == 3 and doc["epochs"] == 1.5  # 16 rows = 2 steps of 2 x 4
+    from portllm_cli.patch.format import read_patch
+
+    assert len(read_patch(out).modules) == 4
+    ckpt = train.checkpoint_dir_for(out) / "step-00000002"
+    assert (ckpt / "rng-0.safetensors").exists() and (ckpt / "rng-1.safetensors").exists()
+
+
 def _no_outputs(out: Path) -> bool:
     return not out.exists() and not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
 
