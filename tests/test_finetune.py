@@ -233,6 +233,26 @@ def test_parquet_completion_and_winogrande_encode(tmp_path, llama_dir, tokenizer
     assert len(ids) == 4 and tok.decode([i for i, l in zip(ids, labels) if l != -100]) == " won."
 
 
+def test_sparse_answer_loss_equals_transformers_loss(llama_dir):
+    """Only answer positions go through the LM head; the loss and gradients are those of model(labels=...)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    assert train._supports_sparse_logits(model)
+    feats = [([5, 6, 7, 8, 9], [-100, -100, -100, 8, 9]), ([5, 6, 7], [-100, -100, 7]),
+             ([1, 2, 3, 4, 5, 6, 7], [-100] * 5 + [6, 7])]
+    batch = train.collate(feats, pad_id=1)
+    sparse = train._answer_loss(model, batch, True)
+    sparse.backward()
+    g_sparse = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    dense = model(**batch).loss
+    dense.backward()
+    torch.testing.assert_close(sparse, dense)
+    torch.testing.assert_close(g_sparse, model.lm_head.weight.grad)
+
+
 def test_full_continued_pretraining_writes_loadable_model(tmp_path, llama_dir):
     import torch
     import transformers

@@ -405,6 +405,36 @@ class _DeferredSigint:
             signal.signal(signal.SIGINT, self._old)
 
 
+def _supports_sparse_logits(model: Any) -> bool:
+    """Whether forward() takes a boolean (batch, seq) ``logits_to_keep`` mask (transformers >= 5)."""
+    import inspect
+
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+    except ImportError:
+        return False
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _answer_loss(net: Any, batch: dict[str, "torch.Tensor"], sparse: bool) -> "torch.Tensor":
+    """Mean cross-entropy over the answer tokens: the same number as ``model(labels=...).loss``.
+
+    With ``sparse`` only the positions that predict an answer token go through the LM head: a
+    choice answer is 1-2 tokens of a 50-250 token sequence, and the vocabulary-wide logits of
+    every position are most of the activation memory and much of the compute of a small model.
+    """
+    import torch
+
+    labels = batch["labels"]
+    if not sparse:
+        return net(**batch).loss
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    targets = labels[:, 1:][keep[:, :-1]]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+
+
 def _fmt_rate(x: float) -> str:
     return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
 
@@ -532,6 +562,7 @@ def finetune(
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
+    sparse_logits = _supports_sparse_logits(base)
     n = len(feats)
     groups0 = epoch_groups(n, 0, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
                            num_processes=accelerator.num_processes, process_index=accelerator.process_index)
@@ -580,7 +611,7 @@ def finetune(
                         sync = j == len(group) - 1
                         ctx = contextlib.nullcontext() if sync else accelerator.no_sync(net)
                         with ctx:
-                            loss = net(**batch).loss
+                            loss = _answer_loss(net, batch, sparse_logits)
                             accelerator.backward(loss / len(group))
                         step_loss += loss.detach().float() / len(group)
                         step_tokens += batch["attention_mask"].sum()
