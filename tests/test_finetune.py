@@ -233,6 +233,14 @@ def test_parquet_completion_and_winogrande_encode(tmp_path, llama_dir, tokenizer
     assert len(ids) == 4 and tok.decode([i for i, l in zip(ids, labels) if l != -100]) == " won."
 
 
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, llama_dir, sst2_file):
+    kw = dict(data=sst2_file, lr=5e-3, max_steps=3, seed=5, **FAST)
+    plain = train.finetune(str(llama_dir), "sst2", tmp_path / "a", **kw)
+    ckpt = train.finetune(str(llama_dir), "sst2", tmp_path / "b", gradient_checkpointing=True, **kw)
+    assert ckpt.losses == pytest.approx(plain.losses, abs=1e-5)
+    assert json.loads((tmp_path / "b" / "portllm.json").read_text())["source"]["hyperparameters"]["gradient_checkpointing"]
+
+
 def test_sparse_answer_loss_equals_transformers_loss(llama_dir):
     """Only answer positions go through the LM head; the loss and gradients are those of model(labels=...)."""
     import torch
