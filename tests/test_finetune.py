@@ -431,6 +431,14 @@ def _choice_accuracy(model, tok, recipe, rows, batch: int = 32) -> float:
     return correct / len(golds)
 
 
+def _print_every(n: int):
+    def progress(label, done, total):
+        if label.startswith("train") and (done % n == 0 or done == total):
+            print(f"  step {int(done)}/{int(total)}: {label}", file=sys.stderr, flush=True)
+
+    return progress
+
+
 @pytest.mark.integration
 def test_smollm2_polarity_patch_beats_zero_shot(tmp_path):
     """A few hundred steps on 3,000 real sentences; held-out accuracy must beat the zero-shot model's.
@@ -458,7 +466,8 @@ def test_smollm2_polarity_patch_beats_zero_shot(tmp_path):
     label_map = {"-1": "negative", "1": "positive"}
     out = tmp_path / "polarity.patch"
     result = train.finetune(str(model_dir), "sst2", out, data=train_csv, text_field="1", label_field="0",
-                            label_map=label_map, lr=3e-4, max_steps=steps, batch_size=16, max_length=128, seed=0)
+                            label_map=label_map, lr=3e-4, max_steps=steps, batch_size=16, max_length=128, seed=0,
+                            progress=_print_every(25))
     recipe = tasks.get_recipe("sst2")
     test = tasks.normalise_rows(recipe, [dict(zip(("0", "1"), r)) for r in test_rows], "test", text_field="1",
                                 label_field="0", label_map=label_map)
