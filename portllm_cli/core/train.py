@@ -589,6 +589,34 @@ def finetune(
     progress(label, step, total_steps)
     t_loop = time.perf_counter()
     rng_after_step = _rng_tensors()  # what a checkpoint of the last finished step must restore
+    multi = accelerator.num_processes > 1
+    # Reading a loss back from a GPU stalls its queue: on CUDA the per-step losses stay on the
+    # device and are read in one go about twice a second; on CPU every step.
+    flush_every_s = 0.5 if dev.startswith("cuda") else 0.0
+    pending_loss: list[Any] = []
+    pending_tokens: list[Any] = []
+    last_flush = time.perf_counter()
+    ep_total = math.ceil(total_steps / steps_per_epoch)
+
+    def flush(epoch: int) -> None:
+        nonlocal tokens_seen, last_flush
+        if not pending_loss:
+            return
+        values = torch.stack(pending_loss).tolist()
+        tokens_seen += int(torch.stack(pending_tokens).sum())
+        first = step - len(values) + 1
+        pending_loss.clear()
+        pending_tokens.clear()
+        for k, v in enumerate(values):
+            if not math.isfinite(v):
+                raise InvalidInputError(f"training diverged at step {first + k} (loss {v})",
+                                        hint="lower --lr, or use --dtype float32")
+        losses.extend(values)
+        last_flush = time.perf_counter()
+        elapsed = train_s + (last_flush - t_loop)
+        rate = tokens_seen / elapsed if elapsed > 0 else 0.0
+        progress(f"{label} · epoch {min(epoch + 1, ep_total)}/{ep_total} · loss {values[-1]:.3f} · "
+                 f"{_fmt_rate(rate)} tok/s", step, total_steps)
 
     def state_now() -> dict[str, Any]:
         return {"step": step, "losses": losses, "tokens_seen": tokens_seen, "run_hash": run_hash,
@@ -596,6 +624,7 @@ def finetune(
                 "steps_per_epoch": steps_per_epoch, "settings": settings}
 
     sigint = _DeferredSigint()
+    epoch = step // steps_per_epoch
     try:
         with sigint:
             while step < total_steps:
@@ -607,7 +636,8 @@ def finetune(
                     step_loss = torch.zeros((), device=accelerator.device)
                     step_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
                     for j, idx in enumerate(group):
-                        batch = {k: v.to(accelerator.device) for k, v in collate([feats[i] for i in idx], pad_id).items()}
+                        batch = {k: v.to(accelerator.device, non_blocking=True)
+                                 for k, v in collate([feats[i] for i in idx], pad_id).items()}
                         sync = j == len(group) - 1
                         ctx = contextlib.nullcontext() if sync else accelerator.no_sync(net)
                         with ctx:
@@ -620,25 +650,24 @@ def finetune(
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
-                    mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
-                    tokens_seen += int(accelerator.reduce(step_tokens, reduction="sum"))
-                    if not math.isfinite(mean_loss):
-                        raise InvalidInputError(f"training diverged at step {step} (loss {mean_loss})",
-                                                hint="lower --lr, or use --dtype float32")
-                    losses.append(mean_loss)
+                    if multi:
+                        step_loss = accelerator.reduce(step_loss, reduction="mean")
+                        step_tokens = accelerator.reduce(step_tokens, reduction="sum")
+                    pending_loss.append(step_loss)
+                    pending_tokens.append(step_tokens)
                     rng_after_step = _rng_tensors()
+                    checkpoint_due = bool(save_every and step % save_every == 0 and step < total_steps)
+                    if (checkpoint_due or step >= total_steps
+                            or time.perf_counter() - last_flush >= flush_every_s):
+                        flush(epoch)
                     sigint.check()
-                    elapsed = train_s + (time.perf_counter() - t_loop)
-                    rate = tokens_seen / elapsed if elapsed > 0 else 0.0
-                    ep_total = math.ceil(total_steps / steps_per_epoch)
-                    progress(f"{label} · epoch {min(epoch + 1, ep_total)}/{ep_total} · loss {mean_loss:.3f} · "
-                             f"{_fmt_rate(rate)} tok/s", step, total_steps)
-                    if save_every and step % save_every == 0 and step < total_steps:
+                    if checkpoint_due:
                         save_checkpoint(ckpt_root, accelerator=accelerator, model=net, optimizer=optimizer,
                                         scheduler=scheduler, state=state_now())
                     if step >= total_steps:
                         break
     except KeyboardInterrupt:
+        flush(epoch)  # losses of the steps that did finish
         if accelerator.num_processes > 1:
             # processes stop at different points; a collective save could hang
             raise Interrupted(f"interrupted at step {step}/{total_steps}",
