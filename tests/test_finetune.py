@@ -480,3 +480,52 @@ def test_smollm2_polarity_patch_beats_zero_shot(tmp_path):
           f"{result.tokens_per_s:.0f} tok/s on {result.device}): zero-shot {zero_shot:.3f} -> patched {tuned:.3f} "
           f"on {len(test)} held-out sentences", file=sys.stderr)
     assert tuned > zero_shot
+
+
+def test_real_sigint_stops_at_a_step_boundary(tmp_path, llama_dir, sst2_file):
+    """SIGINT mid-run: the step in flight finishes, a checkpoint of it is saved, exit is Interrupted."""
+    import signal
+
+    def send_sigint(label, done, total):
+        if label.startswith("train") and done == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "p"
+    with pytest.raises(Interrupted, match="step 2/5"):
+        train.finetune(str(llama_dir), "sst2", out, data=sst2_file, max_steps=5, progress=send_sigint, **FAST)
+    assert (train.checkpoint_dir_for(out) / "step-00000002" / "weights.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert not out.exists()
+
+
+def test_gsm8k_answers_end_with_eos(tokenizer_dir):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = [{"question": "Natalia sold 48 clips. How many?", "answer": "She sold 48.\n#### 48"}]
+    feats = train.build_features(tasks.get_recipe("gsm8k"), rows, tok, 128)
+    ids, labels = feats[0]
+    answer = [i for i, l in zip(ids, labels) if l != -100]
+    assert answer[-1] == tok.eos_token_id
+    assert tok.decode(answer[:-1]) == " She sold 48.\n#### 48"
+
+
+def test_hub_rows_go_through_the_same_validation(monkeypatch):
+    """With the Hub reachable, load_rows asks datasets for the recipe's dataset and split."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return [{"sentence": "Good.", "option1": "a", "option2": "b", "answer": "2"}] if path == "allenai/winogrande" \
+            else [{"passage": "p", "question": "q", "label": 1, "idx": 0}]
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = tasks.load_rows(tasks.get_recipe("boolq"), None, split="eval")
+    assert calls[-1] == ("aps/super_glue", "boolq", "validation") and rows == [{"passage": "p", "question": "q", "label": 1}]
+    with pytest.raises(Exception, match="no '_' blank"):
+        tasks.get_recipe("winogrande").example(tasks.load_rows(tasks.get_recipe("winogrande"), None)[0])
+    assert calls[-1] == ("allenai/winogrande", "winogrande_xl", "train")
