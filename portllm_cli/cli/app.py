@@ -124,10 +124,12 @@ def _register() -> None:
     from portllm_cli.cli import diff as diff_cmd
     from portllm_cli.cli import eval as eval_cmd
     from portllm_cli.cli import extract, port
+    from portllm_cli.cli import finetune as _finetune
     from portllm_cli.cli.hub import hub_app
 
     app.command("extract", epilog=extract.EPILOG)(extract.extract)
     app.command("port", epilog=port.EPILOG)(port.port)
+    app.command("finetune", epilog=_finetune.EPILOG)(_finetune.finetune)
     app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_command)
     app.command("diff", epilog=diff_cmd.EPILOG)(diff_cmd.diff)
     app.add_typer(hub_app, name="hub")

@@ -485,6 +485,10 @@ def load_rows(
 ) -> list[dict[str, Any]]:
     """Rows for a recipe, keyed by the recipe's field names, labels validated.
 
+    Labels come back as ints in the dataset's own convention (choice index + ``label_base``:
+    0/1 for the GLUE tasks, 1/2 for WinoGrande), so ``recipe.example(row)`` reads Hub rows and
+    local rows alike.
+
     ``data`` is a local file (JSONL, JSON, CSV, Parquet; ``.txt`` for ``text``). With ``data=None``
     the recipe's Hub dataset is loaded through ``datasets`` (``split`` "train", "eval" or a split
     name); offline, a PortllmError says to pass ``--data FILE``.
