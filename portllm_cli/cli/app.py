@@ -18,13 +18,13 @@ from portllm_cli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, Portl
 EPILOG = """\
 Examples:
 
-  portllm demo                                        # the whole loop on a real small model, offline
-  portllm extract ./my-lora --out ./sst2.patch        # a portable patch from a PEFT adapter
-  portllm port --patch ./sst2.patch --to ./model-v2 --out ./model-v2-sst2
-  portllm port --patch ./sst2.patch --to ./model-v2 --as-adapter --out ./adapter-v2
+  portllm demo
+  portllm extract ./my-lora --out ./sst2.patch
+  portllm port --patch ./sst2.patch --to ./model-v2 --out ./v2-sst2
+  portllm port --patch user/sst2-patch --to ./model-v2 --as-adapter --out ./v2-adapter
 
-Exit codes: 0 ok, 1 failure, 2 usage, 3 patch and model incompatible, 4 integrity check failed, 130 interrupted.
-Set PORTLLM_DEBUG=1 to see tracebacks.
+Exit codes: 0 ok, 1 failure, 2 usage, 3 incompatible patch and model,
+4 integrity check failed, 130 interrupted. PORTLLM_DEBUG=1 shows tracebacks.
 """
 
 
@@ -50,6 +50,8 @@ class PortllmGroup(TyperGroup):
             rv = super().main(args=args, prog_name=prog_name or "portllm", complete_var=complete_var,
                               standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
+            if code == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
+                _error_line("interrupted; partial output was removed")
         except PortllmError as exc:
             if _debug():
                 traceback.print_exc()
@@ -119,7 +121,9 @@ def root(
 def _register() -> None:
     # Command modules import only typer at import time; torch and friends load inside the bodies.
     # Each command adds one import and one registration line here.
-    pass
+    from portllm_cli.cli import extract
+
+    app.command("extract", epilog=extract.EPILOG)(extract.extract)
 
 
 _register()

@@ -1,0 +1,1 @@
+complete --command portllm --no-files --arguments "(env _PORTLLM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) portllm)" --condition "env _PORTLLM_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) portllm"
