@@ -125,6 +125,10 @@ def _register() -> None:
 
     app.command("extract", epilog=extract.EPILOG)(extract.extract)
 
+    from portllm_cli.cli import finetune as _finetune
+
+    app.command("finetune", epilog=_finetune.EPILOG)(_finetune.finetune)
+
 
 _register()
 

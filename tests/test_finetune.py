@@ -1,0 +1,292 @@
+"""portllm finetune on tiny random models: learning, the patch, resume, --full, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from portllm_cli.cli.app import app
+from portllm_cli.core import tasks, train
+from portllm_cli.errors import Interrupted
+
+SENTENCES = [
+    ("the movie was wonderful and the acting was great", 1),
+    ("a dull boring film with a terrible plot", 0),
+    ("an absolute delight", 1),
+    ("a waste of time", 0),
+    ("great fun and wonderful acting", 1),
+    ("terrible and boring", 0),
+    ("the plot was great", 1),
+    ("a dull film", 0),
+]
+FAST = dict(max_length=32, device="cpu", batch_size=4)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sst2_file(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    return _jsonl(d / "sst2.jsonl", [{"sentence": s, "label": y} for s, y in SENTENCES * 2])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, llama_dir, sst2_file):
+    out = tmp_path_factory.mktemp("ft") / "sst2.patch"
+    result = train.finetune(str(llama_dir), "sst2", out, data=sst2_file, lr=1e-2, dropout=0.0, max_steps=24,
+                            seed=7, **FAST)
+    return result
+
+
+def _answer_nll(model, tok, rows) -> float:
+    """Mean negative log-likelihood of the gold answer tokens, computed here from the logits."""
+    import torch
+
+    recipe = tasks.get_recipe("sst2")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            ex = recipe.example(r)
+            ctx = tok.encode(ex.prompt)
+            whole = tok.encode(ex.prompt + ex.target)
+            logits = model(torch.tensor([whole])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            for pos in range(len(ctx), len(whole)):
+                total -= float(logp[pos - 1, whole[pos]])
+                count += 1
+    return total / count
+
+
+def test_loss_goes_down_and_patch_loads_in_peft(trained, llama_dir, sst2_file):
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    assert trained.steps == 24 and len(trained.losses) == 24
+    assert sum(trained.losses[-4:]) / 4 < sum(trained.losses[:4]) / 4
+    rows = tasks.load_rows(tasks.get_recipe("sst2"), sst2_file)
+    tok = transformers.AutoTokenizer.from_pretrained(llama_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    before = _answer_nll(base, tok, rows)
+    patched = PeftModel.from_pretrained(base, trained.out).eval()
+    after = _answer_nll(patched, tok, rows)
+    assert after < before - 0.1, (before, after)
+    # PEFT holds exactly the factors in the file
+    saved = load_file(str(trained.out / "adapter_model.safetensors"))
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    loaded = dict(patched.named_parameters())["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    assert torch.equal(saved[name], loaded.detach())
+    assert set(k.rsplit(".", 3)[1] for k in saved) == {"q_proj", "v_proj"}
+
+
+def test_manifest_records_base_data_and_hyperparameters(trained, llama_dir, sst2_file):
+    from portllm_cli.io.checkpoint import Checkpoint
+    from portllm_cli.patch.format import read_patch
+    from portllm_cli.resolve import content_hash
+
+    patch = read_patch(trained.out)  # sha256 of the weights verified against the manifest
+    m = patch.manifest
+    assert patch.rank == 8 and patch.alpha == 16 and patch.config["lora_dropout"] == 0.0
+    assert m["base"]["model"] == str(Path(llama_dir).resolve())
+    assert m["base"]["content_hash"] == content_hash(Checkpoint.open(llama_dir).files)
+    assert m["base"]["fingerprint"]["modules"]["model.layers.0.self_attn.v_proj"] == [16, 32]
+    assert set(m["base"]["fingerprint"]["modules"]) == set(patch.modules)
+    src = m["source"]
+    assert src["task"] == "sst2" and src["lm_eval_task"] == "sst2"
+    assert src["data"]["sha256"] == hashlib.sha256(sst2_file.read_bytes()).hexdigest()
+    assert src["data"]["rows"] == 16
+    hp = src["hyperparameters"]
+    assert (hp["rank"], hp["alpha"], hp["lr"], hp["batch_size"], hp["max_length"], hp["seed"]) == (8, 16, 1e-2, 4, 32, 7)
+    assert hp["target_modules"] == ["q_proj", "v_proj"] and hp["max_steps"] == 24
+    assert src["training"]["final_loss"] == trained.final_loss == trained.losses[-1]
+    assert src["training"]["steps"] == 24 and src["training"]["wall_s"] > 0
+    assert not train.checkpoint_dir_for(trained.out).exists()
+
+
+def _factors(out: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def test_resume_equals_uninterrupted(tmp_path, llama_dir, sst2_file):
+    import torch
+
+    kw = dict(data=sst2_file, lr=5e-3, max_steps=7, seed=3, save_every=2, **FAST)
+    ref = train.finetune(str(llama_dir), "sst2", tmp_path / "ref", **kw)
+
+    # Ctrl-C after step 3: a checkpoint of step 3 is saved, no patch directory is left
+    def ctrl_c(label, done, total):
+        if label.startswith("train") and done == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupted, match="step 3/7"):
+        train.finetune(str(llama_dir), "sst2", out, progress=ctrl_c, **kw)
+    assert not out.exists() and (train.checkpoint_dir_for(out) / "step-00000003").is_dir()
+    resumed = train.finetune(str(llama_dir), "sst2", out, resume=True, **kw)
+    assert resumed.resumed_from == 3 and resumed.steps == ref.steps == 7
+
+    # a crash after step 5: --save-every's step-4 checkpoint is where --resume picks up
+    def crash(label, done, total):
+        if label.startswith("train") and done == 5:
+            raise RuntimeError("power cut")
+
+    out2 = tmp_path / "crash"
+    with pytest.raises(RuntimeError):
+        train.finetune(str(llama_dir), "sst2", out2, progress=crash, **kw)
+    resumed2 = train.finetune(str(llama_dir), "sst2", out2, resume=True, **kw)
+    assert resumed2.resumed_from == 4
+
+    a = _factors(ref.out)
+    for other, res in ((_factors(resumed.out), resumed), (_factors(resumed2.out), resumed2)):
+        assert set(other) == set(a)
+        for k in a:
+            torch.testing.assert_close(other[k], a[k], rtol=0, atol=1e-6)
+        assert res.losses == pytest.approx(ref.losses, abs=1e-6)
+    assert not train.checkpoint_dir_for(out).exists()
+
+
+def test_resume_refuses_other_settings(tmp_path, llama_dir, sst2_file):
+    out = tmp_path / "p"
+
+    def stop(label, done, total):
+        if label.startswith("train") and done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        train.finetune(str(llama_dir), "sst2", out, data=sst2_file, max_steps=3, progress=stop, **FAST)
+    r = CliRunner().invoke(app, ["finetune", "-m", str(llama_dir), "-t", "sst2", "--data", str(sst2_file),
+                                 "--out", str(out), "--max-steps", "3", "--max-length", "32", "--rank", "4",
+                                 "--resume", "--device", "cpu"])
+    assert r.exit_code == 2 and "other settings" in r.stderr
+    r = CliRunner().invoke(app, ["finetune", "-m", str(llama_dir), "-t", "sst2", "--data", str(sst2_file),
+                                 "--out", str(out), "--max-steps", "3", "--device", "cpu"])
+    assert r.exit_code == 1 and "--resume" in r.stderr
+
+
+def test_cli_json_summary(tmp_path, llama_dir, sst2_file):
+    out = tmp_path / "p"
+    r = CliRunner().invoke(app, ["finetune", "--model", str(llama_dir), "--task", "sst2", "--data", str(sst2_file),
+                                 "--out", str(out), "--max-steps", "2", "--max-length", "32", "--rank", "2",
+                                 "--target-modules", "q_proj,k_proj,o_proj", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["patch"] == str(out) and doc["steps"] == 2 and doc["tokens_per_s"] > 0
+    assert doc["peak_memory_bytes"] > 0 and doc["wall_s"] > 0 and doc["final_loss"] > 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["target_modules"] == ["k_proj", "o_proj", "q_proj"]
+
+
+def test_csv_with_positional_fields_and_label_map(tmp_path, llama_dir):
+    csv = tmp_path / "polarity.csv"
+    csv.write_text("".join(f'"{1 if y else -1}","{s} "\n' for s, y in SENTENCES))
+    out = tmp_path / "p"
+    r = CliRunner().invoke(app, ["finetune", "-m", str(llama_dir), "-t", "sst2", "--data", str(csv), "--out", str(out),
+                                 "--text-field", "1", "--label-field", "0", "--label-map=-1=negative,1=positive",
+                                 "--max-steps", "1", "--max-length", "32", "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((out / "portllm.json").read_text())["source"]["data"]["rows"] == 8
+
+
+def test_parquet_completion_and_winogrande_encode(tmp_path, llama_dir, tokenizer_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import transformers
+
+    pq.write_table(pa.table({"prompt": ["Q: is fire cold?", "Q: is the sky blue?"], "completion": [" no", " yes"]}),
+                   tmp_path / "c.parquet")
+    res = train.finetune(str(llama_dir), "completion", tmp_path / "p", data=tmp_path / "c.parquet", max_steps=1, **FAST)
+    assert res.examples == 2
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    ex = tasks.get_recipe("winogrande").example(
+        {"sentence": "Sarah beat Maria so _ won.", "option1": "Sarah", "option2": "Maria", "answer": "2"})
+    ids, labels = train.encode_example(tok, ex, 64)
+    n_ctx = labels.count(-100)
+    assert ids[:n_ctx] == tok.encode("Sarah beat Maria so Maria")  # context = prefix filled with the answer
+    assert tok.decode(ids[n_ctx:]) == " won." and labels[n_ctx:] == ids[n_ctx:]
+    # prompt cut from the left, answer kept whole
+    ids, labels = train.encode_example(tok, ex, 4)
+    assert len(ids) == 4 and tok.decode([i for i, l in zip(ids, labels) if l != -100]) == " won."
+
+
+def test_full_continued_pretraining_writes_loadable_model(tmp_path, llama_dir):
+    import torch
+    import transformers
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x): return x + 1\nthe movie was wonderful\n" * 40)
+    out = tmp_path / "evolved"
+    res = train.continued_pretraining(str(llama_dir), corpus, out, lr=1e-3, max_steps=3, batch_size=2,
+                                      max_length=16, device="cpu")
+    assert res.full and res.steps == 3 and res.examples > 6
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    record = json.loads((out / train.TRAIN_RECORD).read_text())
+    assert record["hyperparameters"]["full"] and record["data"]["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    new = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    old = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    old_sd = old.state_dict()
+    moved = [k for k, v in new.state_dict().items() if not torch.equal(v, old_sd[k])]
+    assert "model.layers.0.mlp.down_proj.weight" in moved and "lm_head.weight" in moved
+    transformers.AutoTokenizer.from_pretrained(out)
+
+
+def _no_outputs(out: Path) -> bool:
+    return not out.exists() and not any(p.name.startswith(f".{out.name}") for p in out.parent.iterdir())
+
+
+@pytest.fixture(scope="module")
+def not_causal_dir(tmp_path_factory) -> Path:
+    import transformers
+
+    d = tmp_path_factory.mktemp("vit")
+    cfg = transformers.ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                                 image_size=8, patch_size=4)
+    transformers.ViTModel(cfg).save_pretrained(d)
+    return d
+
+
+BAD = {
+    "missing data file": ([], "nope.jsonl", None, 1, "no such data file"),
+    "missing field": ([], [{"text": "x", "label": 1}], None, 1, "row 1 has no field 'sentence'"),
+    "empty dataset": ([], [], None, 1, "the dataset is empty"),
+    "label outside choices": ([], [{"sentence": "x", "label": 0}, {"sentence": "y", "label": "neutral"}], None, 1,
+                              "row 2: label 'neutral' is outside the task's choices"),
+    "target module not in model": (["--target-modules", "q_proj,c_attn"], None, None, 2,
+                                   "no linear module named c_attn"),
+    "not a causal LM": ([], None, "vit", 1, "not a causal language model"),
+    "hub offline": (["--task", "boolq"], "none", None, 1, "--data FILE"),
+    "unknown task": (["--task", "boolk"], None, None, 2, "did you mean boolq"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_error_line_and_no_output(case, tmp_path, llama_dir, sst2_file, not_causal_dir):
+    extra, data, model, code, message = BAD[case]
+    if data is None:
+        data_path = sst2_file
+    elif data == "none":
+        data_path = None
+    elif isinstance(data, str):
+        data_path = tmp_path / data
+    else:
+        data_path = _jsonl(tmp_path / "d.jsonl", data)
+    out = tmp_path / "out.patch"
+    args = ["finetune", "-m", str(not_causal_dir if model else llama_dir), "--task", "sst2", "--out", str(out),
+            "--max-steps", "1", "--max-length", "32", "--device", "cpu", *extra]
+    if data_path is not None:
+        args += ["--data", str(data_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == code, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert _no_outputs(out) and not train.checkpoint_dir_for(out).exists()
