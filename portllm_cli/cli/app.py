@@ -129,6 +129,10 @@ def _register() -> None:
 
     app.command("finetune", epilog=_finetune.EPILOG)(_finetune.finetune)
 
+    from portllm_cli.cli import eval as eval_cmd
+
+    app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_command)
+
 
 _register()
 
