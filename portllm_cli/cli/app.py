@@ -121,9 +121,10 @@ def root(
 def _register() -> None:
     # Command modules import only typer at import time; torch and friends load inside the bodies.
     # Each command adds one import and one registration line here.
-    from portllm_cli.cli import extract
+    from portllm_cli.cli import extract, port
 
     app.command("extract", epilog=extract.EPILOG)(extract.extract)
+    app.command("port", epilog=port.EPILOG)(port.port)
 
     from portllm_cli.cli import finetune as _finetune
 

@@ -1,0 +1,105 @@
+"""portllm port: carry a patch onto an evolved model (merged weights, or a retargeted adapter)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from portllm_cli.cli._options import (
+    AllowPickleOpt,
+    JsonOpt,
+    NoVerifyOpt,
+    OutOpt,
+    OverwriteOpt,
+    PatchOpt,
+    QuietOpt,
+    RevisionOpt,
+)
+from portllm_cli.cli._output import Output
+
+EPILOG = """\
+Examples:
+
+  # the evolved model with the patch merged in (same shards, dtype, index, tokenizer)
+  portllm port --patch ./sst2.patch --to ./llama-v2 --out ./llama-v2-sst2
+
+  # the patch retargeted to the new model, for PEFT or vLLM serving
+  portllm port --patch ./sst2.patch --to ./llama-v2 --as-adapter --out ./sst2-for-v2.patch
+
+  # half strength, reread and check every written byte, machine-readable result
+  portllm port -p ./sst2.patch --to ./llama-v2 -o ./out --scale 0.5 --verify --json
+
+Exit codes: 0 ok, 1 failure, 2 usage, 3 patch does not fit the model, 4 integrity check failed.
+"""
+
+ToOpt = Annotated[
+    str, typer.Option("--to", help="The evolved model to port onto: a local directory, user/repo or user/repo@revision.")
+]
+AsAdapterOpt = Annotated[
+    bool,
+    typer.Option("--as-adapter", help="Write the patch retargeted to --to (a PEFT adapter) instead of a merged model."),
+]
+ScaleOpt = Annotated[
+    float,
+    typer.Option(
+        "--scale",
+        help="Multiply the patch's own alpha/r by this (finite, non-zero; negative subtracts the patch).",
+    ),
+]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help="After writing, reread the output: patched tensors must equal base + scale*B@A bit for bit, "
+        "every other byte must equal the target's.",
+    ),
+]
+
+
+def port(
+    patch: PatchOpt,
+    to: ToOpt,
+    out: OutOpt,
+    as_adapter: AsAdapterOpt = False,
+    scale: ScaleOpt = 1.0,
+    overwrite: OverwriteOpt = False,
+    verify: VerifyOpt = False,
+    no_verify: NoVerifyOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    revision: RevisionOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Apply a patch to an evolved model: write the merged model, or the patch retargeted to it."""
+    from portllm_cli.core import port as core
+    from portllm_cli.patch.format import read_patch
+    from portllm_cli.resolve import resolve
+
+    o = Output(json_mode=json_, quiet=quiet)
+    core.check_scale(scale)
+    patch_res = resolve(patch, kind="patch")
+    target = resolve(to, kind="model", revision=revision)
+    p = read_patch(patch_res.path, verify=not no_verify)
+    fn = core.port_adapter if as_adapter else core.port_merged
+    with o.progress() as progress:
+        result = fn(
+            p,
+            target,
+            out,
+            scale=scale,
+            overwrite=overwrite,
+            verify=verify,
+            allow_pickle=allow_pickle,
+            progress=progress,
+            patch_source=patch_res,
+        )
+    for w in result.warnings:
+        o.warn(w)
+    what = "retargeted to" if as_adapter else "merged into"
+    o.info(
+        f"{result.modules_merged} patch modules {what} {result.target}: "
+        f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s"
+        + (" (verified)" if result.verified else "")
+    )
+    o.result(result.as_dict(), str(result.out))
