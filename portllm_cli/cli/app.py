@@ -134,6 +134,10 @@ def _register() -> None:
 
     app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_command)
 
+    from portllm_cli.cli import diff as diff_cmd
+
+    app.command("diff", epilog=diff_cmd.EPILOG)(diff_cmd.diff)
+
 
 _register()
 
