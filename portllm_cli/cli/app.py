@@ -138,6 +138,10 @@ def _register() -> None:
 
     app.command("diff", epilog=diff_cmd.EPILOG)(diff_cmd.diff)
 
+    from portllm_cli.cli import demo as demo_cmd
+
+    app.command("demo", epilog=demo_cmd.EPILOG)(demo_cmd.demo)
+
 
 _register()
 
