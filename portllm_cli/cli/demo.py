@@ -57,9 +57,13 @@ def demo(
     o = Output(json_mode=json_, quiet=quiet)
 
     def notify(n: Any) -> None:
-        o.info(f"• {n.what}" + (f"  ({n.why})" if n.why else ""))
-        if n.licence:
-            o.info(f"  licence: {n.licence}")
+        line = f"• {n.what}" + (f"  ({n.why})" if n.why else "")
+        if n.licence and not quiet:
+            # downloads and their terms are shown even under --json (on stderr): the user must see them
+            o.err.print(line, markup=False)
+            o.err.print(f"  licence: {n.licence}", markup=False)
+        else:
+            o.info(line)
 
     def on_sizes(s: Any) -> None:
         o.info("sizes (chosen for the device; flags change them):")

