@@ -186,3 +186,22 @@ def module_shapes(model: Any, targets: list[str] | tuple[str, ...]) -> dict[str,
         if name.rsplit(".", 1)[-1] in targets and isinstance(getattr(mod, "weight", None), torch.Tensor):
             out[name] = list(mod.weight.shape)
     return out
+
+
+def convert_gguf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
+    """Dequantize a GGUF model directory once into a safetensors model directory (config + tokenizer).
+
+    Loading GGUF dequantizes every time (20-45 s for SmolLM2-135M); portllm's port, diff and
+    checkpoint readers want safetensors anyway.
+    """
+    from portllm_cli.io.atomic import atomic_output_dir
+
+    src = Path(src)
+    if gguf_file(src) is None:
+        raise InvalidInputError(f"{src}: holds no GGUF file to convert")
+    model = load_causal_lm(src, "float32", "cpu")
+    tok = load_tokenizer(src)
+    with atomic_output_dir(Path(out), overwrite=overwrite, inputs=(src,)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return Path(out)

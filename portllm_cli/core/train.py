@@ -26,9 +26,9 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from portllm_cli.core import models as _models
 from portllm_cli.core.progress import ProgressFn, no_progress
@@ -405,6 +405,36 @@ class _DeferredSigint:
             signal.signal(signal.SIGINT, self._old)
 
 
+def _supports_sparse_logits(model: Any) -> bool:
+    """Whether forward() takes a boolean (batch, seq) ``logits_to_keep`` mask (transformers >= 5)."""
+    import inspect
+
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+    except ImportError:
+        return False
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _answer_loss(net: Any, batch: dict[str, "torch.Tensor"], sparse: bool) -> "torch.Tensor":
+    """Mean cross-entropy over the answer tokens: the same number as ``model(labels=...).loss``.
+
+    With ``sparse`` only the positions that predict an answer token go through the LM head: a
+    choice answer is 1-2 tokens of a 50-250 token sequence, and the vocabulary-wide logits of
+    every position are most of the activation memory and much of the compute of a small model.
+    """
+    import torch
+
+    labels = batch["labels"]
+    if not sparse:
+        return net(**batch).loss
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    targets = labels[:, 1:][keep[:, :-1]]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+
+
 def _fmt_rate(x: float) -> str:
     return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
 
@@ -451,6 +481,8 @@ def finetune(
 
     t_start = time.perf_counter()
     progress = progress or no_progress
+    if os.environ.get("RANK", "0") != "0":
+        progress = no_progress  # under accelerate launch only the main process draws
     dtype = str(getattr(dtype, "value", dtype))
     device = str(getattr(device, "value", device))
     _validate(rank, alpha, dropout, lr, epochs, max_steps, batch_size, grad_accum, max_length, save_every, warmup_steps)
@@ -472,7 +504,7 @@ def finetune(
             )
 
     # data first: a bad file fails in a second, before the model loads
-    progress("load data", 0, None)
+    progress("load data", 0, 1)
     rows = load_rows(recipe, data_path, split="train", text_field=text_field, label_field=label_field,
                      label_map=label_map)
     if data_path is not None:
@@ -483,14 +515,21 @@ def finetune(
     _models.check_causal_lm(res.path, trust_remote_code)
     tok = _models.load_tokenizer(res.path, trust_remote_code)
     feats = build_features(recipe, rows, tok, max_length)
+    progress("load data", 1, 1)
     if not feats:
         raise InvalidInputError(f"{data_path or recipe.hub_dataset}: no training examples after tokenization "
                                 "(the dataset is empty or every answer was cut off)")
 
     accelerator, mixed_precision = _make_accelerator(device, dtype)
     dev = str(accelerator.device)
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    if sharded and (save_every or resume):
+        raise UsageError(f"--save-every/--resume are not supported under {accelerator.distributed_type.value} "
+                         "(the weights are sharded); use plain data parallel, or run without them")
     torch.manual_seed(seed)
+    progress("load model", 0, 1)
     base = _models.load_causal_lm(res.path, dtype, None, trust_remote_code)
+    progress("load model", 1, 1)
     orig_dtype = _source_dtype(res.path)
 
     settings: dict[str, Any] = {
@@ -523,6 +562,7 @@ def finetune(
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
+    sparse_logits = _supports_sparse_logits(base)
     n = len(feats)
     groups0 = epoch_groups(n, 0, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
                            num_processes=accelerator.num_processes, process_index=accelerator.process_index)
@@ -571,7 +611,7 @@ def finetune(
                         sync = j == len(group) - 1
                         ctx = contextlib.nullcontext() if sync else accelerator.no_sync(net)
                         with ctx:
-                            loss = net(**batch).loss
+                            loss = _answer_loss(net, batch, sparse_logits)
                             accelerator.backward(loss / len(group))
                         step_loss += loss.detach().float() / len(group)
                         step_tokens += batch["attention_mask"].sum()
@@ -616,6 +656,8 @@ def finetune(
     peak, peak_kind = _peak_memory(dev)
     final_loss = losses[-1] if losses else float("nan")
     unwrapped = accelerator.unwrap_model(net)
+    # FSDP / DeepSpeed shard the weights: gathering the full state dict is a collective call
+    gathered = accelerator.get_state_dict(net) if sharded else None
     result = FinetuneResult(
         out=out, steps=step, epochs=step / steps_per_epoch, final_loss=final_loss, losses=list(losses),
         tokens_per_s=tokens_per_s, peak_memory_bytes=peak, peak_memory_kind=peak_kind, wall_s=0.0,
@@ -634,14 +676,14 @@ def finetune(
         with atomic_output_dir(out, overwrite=overwrite, inputs=tuple(p for p in (res.path, data_path) if p)) as tmp:
             training["wall_s"] = round(time.perf_counter() - t_start, 3)
             if full:
-                _write_model(unwrapped, tok, tmp, orig_dtype if dtype == "auto" else None)
+                _write_model(unwrapped, tok, tmp, orig_dtype if dtype == "auto" else None, gathered)
                 doc = {"format": "portllm-train", "base": base_record, "task": recipe.name, "data": data_record,
                        "hyperparameters": settings, "training": training}
                 (tmp / TRAIN_RECORD).write_text(json.dumps(doc, indent=2) + "\n")
                 result.manifest = doc
             else:
                 result.manifest = _write_patch(unwrapped, tmp, res, recipe, base_record, data_record, settings,
-                                               training, rank, alpha, dropout, targets)
+                                               training, rank, alpha, dropout, targets, gathered)
         progress("write", 1, 1)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and ckpt_root.exists():
@@ -693,25 +735,31 @@ def _source_dtype(path: Path) -> str | None:
     return cfg.get("dtype") or cfg.get("torch_dtype")
 
 
-def _write_model(model: Any, tok: Any, out_dir: Path, orig_dtype: str | None) -> None:
+def _write_model(model: Any, tok: Any, out_dir: Path, orig_dtype: str | None,
+                 state_dict: dict[str, Any] | None = None) -> None:
     import torch
 
     if orig_dtype in ("bfloat16", "float16"):
-        model = model.to(getattr(torch, orig_dtype))  # keep the source's storage dtype
+        cast = getattr(torch, orig_dtype)  # keep the source's storage dtype
+        if state_dict is None:
+            model = model.to(cast)
+        else:
+            state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
     if getattr(model.config, "use_cache", None) is False:
         model.config.use_cache = True
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(out_dir)
 
 
 def _write_patch(model: Any, out_dir: Path, res: Any, recipe: Recipe, base_record: dict[str, Any],
                  data_record: dict[str, Any], settings: dict[str, Any], training: dict[str, Any],
-                 rank: int, alpha: float, dropout: float, targets: list[str]) -> dict[str, Any]:
+                 rank: int, alpha: float, dropout: float, targets: list[str],
+                 full_state: dict[str, Any] | None = None) -> dict[str, Any]:
     from peft import get_peft_model_state_dict
 
     from portllm_cli.patch import format as fmt
 
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model, state_dict=full_state)
     cfg = fmt.adapter_config(base_model=res.record_id, rank=rank, alpha=alpha, target_modules=targets,
                              dropout=dropout)
     modules = fmt.parse_modules({k: v.detach().cpu().contiguous() for k, v in state.items()}, cfg, out_dir)
