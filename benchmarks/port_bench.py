@@ -11,6 +11,8 @@ rounds, measures each method in a fresh subprocess:
   portllm  `python -m portllm_cli port --patch PATCH --to MODEL --out OUT --quiet`
   peft     AutoModelForCausalLM.from_pretrained(dtype=bfloat16) -> PeftModel.from_pretrained
            -> merge_and_unload -> save_pretrained(max_shard_size=same)
+  import torch   `python -c "import torch"`: the fixed cost included in portllm's figure
+  portllm --verify   the port followed by its --verify pass
 
 Each method runs under a small wrapper process that starts it, waits, and reads the child's
 peak RSS from getrusage(RUSAGE_CHILDREN); wall time is taken around the child. Page caches
@@ -215,7 +217,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--shard-mb", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds; medians are reported")
-    ap.add_argument("--methods", default="cp,portllm,peft", help="comma-separated, run in this order each round")
+    ap.add_argument("--methods", default="cp,portllm,peft,import torch",
+                    help="comma-separated, run in this order each round (also: portllm --verify)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON document")
     args = ap.parse_args()
 
@@ -239,6 +242,8 @@ def main() -> None:
         "portllm --verify": [sys.executable, "-m", "portllm_cli", "port", "--patch", str(patch), "--to", str(model),
                              "--out", str(outs / "portllm-verify"), "--quiet", "--verify"],  # opt-in extra row
         "peft": [sys.executable, __file__, "--_peft", str(model), str(patch), str(outs / "peft"), shard],
+        # the fixed cost inside portllm's figure: the interpreter starting, importing torch, exiting
+        "import torch": [sys.executable, "-c", "import torch"],
     }
     methods = [m.strip() for m in args.methods.split(",")]
     print(f"model: {size / 1e9:.2f} GB bf16 in {len(list(model.glob('*.safetensors')))} shards; "
@@ -252,7 +257,7 @@ def main() -> None:
             shutil.rmtree(target, ignore_errors=True)
             os.sync()
             res = run_measured(cmds[m])
-            res["out_bytes"] = dir_size(target)
+            res["out_bytes"] = dir_size(target) if target.exists() else 0
             results[m].append(res)
             print(f"  round {r + 1} {m:17s} wall {res['wall']:6.2f} s  durable {res['durable']:6.2f} s  "
                   f"cpu {res['cpu']:6.2f} s  peak {res['peak_mb']:7.0f} MB", file=sys.stderr)

@@ -161,8 +161,9 @@ def test_merged_equals_independent_and_peft(built, tmp_path, arch, dtype, shard)
     case = built(arch, dtype, shard)
     target, lora = case["target"], case["lora"]
     out = tmp_path / "out"
-    doc = port_cli(lora, target, out)
+    doc = port_cli(lora, target, out, "--verify")
     assert doc["mode"] == "merged" and doc["modules_merged"] == 4  # q_proj, v_proj x 2 layers
+    assert doc["verified"] is True
 
     got = _model_tensors(out)
     src = _model_tensors(target)
@@ -518,3 +519,83 @@ def test_help_does_not_import_torch():
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1],
                    env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+def test_embedding_and_lm_head_targets(built, tmp_path):
+    """lora_embedding_A/B (delta transposed into the embedding's layout) and lm_head, against PEFT."""
+    import torch
+
+    case = built("llama", "float32", "20KB", targets=("embed_tokens", "q_proj", "lm_head"))
+    keys = _load(case["lora"] / "adapter_model.safetensors")
+    assert any("lora_embedding_A" in k for k in keys)
+    doc = port_cli(case["lora"], case["target"], tmp_path / "out")
+    assert doc["modules_merged"] == 4  # embed_tokens, lm_head, q_proj x 2
+    got = _model_tensors(tmp_path / "out")
+    # PEFT saved the OLD base's full embedding matrices next to the factors (save_embedding_layers);
+    # loading them would replace the evolved model's embeddings. portllm drops them, so the
+    # reference is PEFT on the factors alone.
+    from safetensors.torch import save_file
+
+    factors_only = tmp_path / "factors-only"
+    shutil.copytree(case["lora"], factors_only)
+    assert any(".base_layer." in k for k in keys)
+    save_file({k: v for k, v in keys.items() if ".base_layer." not in k}, str(factors_only / "adapter_model.safetensors"))
+    ref = peft_merged(case["target"], factors_only)
+    src = _model_tensors(case["target"])
+    for key in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.self_attn.q_proj.weight"):
+        assert not torch.equal(got[key], src[key]), key
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-6)
+
+
+def _with_fingerprint_vocab(patch: Path, dest: Path, vocab: int) -> Path:
+    shutil.copytree(patch, dest)
+    man = json.loads((dest / "portllm.json").read_text())
+    man["base"]["fingerprint"]["vocab_size"] = vocab  # the manifest's sha256 covers the tensors only
+    (dest / "portllm.json").write_text(json.dumps(man))
+    return dest
+
+
+def test_vocab_change_is_a_warning(llama, manifest_patch, tmp_path):
+    patch = _with_fingerprint_vocab(manifest_patch, tmp_path / "p", 400)
+    doc = port_cli(patch, llama["target"], tmp_path / "o")
+    assert any("vocabulary size changed: 400" in w for w in doc["warnings"])
+    res = run("port", "-p", patch, "--to", llama["target"], "-o", tmp_path / "o2")
+    assert res.exit_code == 0 and "Warning: " in res.stderr and "vocabulary" in res.stderr
+
+
+def test_vocab_change_with_embedding_patch_exit_3(built, tmp_path):
+    from portllm_cli.io.checkpoint import Checkpoint, architecture_fingerprint
+    from portllm_cli.patch.format import build_manifest, read_patch, write_patch_files
+
+    case = built("llama", "float32", "20KB", targets=("embed_tokens", "q_proj", "lm_head"))
+    p = read_patch(case["lora"])
+    fp = architecture_fingerprint(Checkpoint.open(case["base"]).config)
+    fp["vocab_size"] = 400
+    manifest = build_manifest(base={"model": "x", "fingerprint": fp}, lora={}, source={"kind": "test"})
+    out = tmp_path / "emb.patch"
+    write_patch_files(out, _load(case["lora"] / "adapter_model.safetensors"), p.config, manifest)
+    res = run("port", "-p", out, "--to", case["target"], "-o", tmp_path / "o")
+    assert res.exit_code == 3 and "vocabulary size changed" in res.stderr and "embeddings" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_core_api_with_a_patch_object_or_a_directory(llama, tmp_path):
+    """port_merged takes a read Patch (no overlap) or a directory (copies start before the
+    factors are read): both give the same bytes, and the same as the independent formula."""
+    import torch
+
+    from portllm_cli.core.port import port_merged
+    from portllm_cli.patch.format import read_patch
+    from portllm_cli.resolve import resolve
+
+    seen = []
+    target = resolve(str(llama["target"]), kind="model")
+    r1 = port_merged(read_patch(llama["lora"]), target, tmp_path / "a", progress=lambda *a: seen.append(a))
+    r2 = port_merged(llama["lora"], target, tmp_path / "b", scale=1.0)
+    assert r1.modules_merged == r2.modules_merged == 4
+    assert seen and seen[-1][1] == seen[-1][2] == sum(f.stat().st_size for f in llama["target"].glob("*.safetensors"))
+    for f in llama["target"].glob("*.safetensors"):
+        assert (tmp_path / "a" / f.name).read_bytes() == (tmp_path / "b" / f.name).read_bytes()
+    got = _model_tensors(tmp_path / "a")
+    for key, w in expected_merge(llama["target"], llama["lora"]).items():
+        assert torch.equal(got[key], w)
