@@ -170,7 +170,9 @@ def test_principal_angles_of_known_subspaces():
 
 
 def _dense(m: LoraModule) -> np.ndarray:
-    return m.scale * (np64(m.B) @ np64(m.A))
+    """The delta in the model weight's layout, in float64."""
+    d = m.scale * (np64(m.B) @ np64(m.A))
+    return d.T if m.kind == "embedding" or m.fan_in_fan_out else d
 
 
 def _angles(x: np.ndarray, y: np.ndarray, rx: int, ry: int) -> list[float]:
@@ -331,3 +333,66 @@ def test_truncated_safetensors_is_one_error_line(llama_dir, tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert [ln for ln in lines if not ln.startswith("Hint:")] == [lines[0]] and lines[0].startswith("Error:")
     assert "truncated" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_sharded_and_pickle_copies_are_identical(llama_dir, tmp_path):
+    tiny.make_model(tmp_path / "sharded", seed=0, max_shard_size="20KB", tokenizer_from=llama_dir)
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    res = invoke(llama_dir, tmp_path / "sharded", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "identical"
+    pkl = tmp_path / "pickle"
+    pkl.mkdir()
+    shutil.copy(llama_dir / "config.json", pkl / "config.json")
+    torch.save(load_tensors(llama_dir / "model.safetensors"), pkl / "pytorch_model.bin")
+    refused = invoke(llama_dir, pkl)
+    assert refused.exit_code == 1 and "--allow-pickle" in refused.stderr
+    res = invoke(pkl, llama_dir, "--json", "--allow-pickle")
+    assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "identical"
+
+
+def test_transposed_layouts_compare_in_weight_layout():
+    """An embedding-style module (delta = (BA)^T) against a plain one holding the same weight delta."""
+    gen = torch.Generator().manual_seed(5)
+    A, B = torch.randn(3, 10, generator=gen), torch.randn(6, 3, generator=gen)
+    emb = LoraModule("model.embed_tokens", A, B, alpha=3.0, kind="embedding")  # weight (10, 6)
+    lin = LoraModule("model.embed_tokens", B.T.contiguous(), A.T.contiguous(), alpha=3.0)  # same delta
+    assert emb.weight_shape == lin.weight_shape == (10, 6)
+    d = core.diff_lora_modules(emb, lin)
+    assert d.residual == pytest.approx(0.0, abs=1e-12) and d.cosine == pytest.approx(1.0)
+    assert d.column_angles == pytest.approx([0, 0, 0], abs=1e-5)
+    np.testing.assert_allclose(emb.delta().double().numpy(), lin.delta().double().numpy(), atol=1e-5)
+
+
+def test_patch_whose_base_cannot_be_found(llama_dir, tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    name = "model.layers.1.self_attn.v_proj"
+    patch = write_patch(tmp_path / "p", {name: LoraModule(name, torch.randn(4, 32, generator=gen),
+                                                          torch.randn(16, 4, generator=gen), alpha=8.0)},
+                        base=str(tmp_path / "gone"))
+    res = invoke(llama_dir, patch, "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "model-patch" and doc["verdict"] == "compatible"
+    assert doc["base_drift"] is None and doc["base"]["path"] is None and "gone" in doc["base"]["note"]
+    assert doc["targeted"] == {name: name + ".weight"}
+    plot = invoke(patch, llama_dir, "--plot", tmp_path / "x.png")
+    assert plot.exit_code == 1 and "base model was not found" in plot.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_tampered_patch_exit_4_unless_no_verify(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    name = "model.layers.0.self_attn.q_proj"
+    mod = LoraModule(name, torch.randn(2, 8, generator=gen), torch.randn(8, 2, generator=gen), alpha=2.0)
+    pa = write_patch(tmp_path / "a", {name: mod})
+    pb = tmp_path / "b"
+    shutil.copytree(pa, pb)
+    w = pb / "adapter_model.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[-4:] = np.float32(0.5).tobytes()  # one factor entry changed, layout intact
+    w.write_bytes(bytes(raw))
+    res = invoke(pa, pb)
+    assert res.exit_code == 4 and res.stderr.startswith("Error:") and "sha256" in res.stderr
+    res = invoke(pa, pb, "--no-verify", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "compatible"
+    assert json.loads(res.stdout)["overall"]["residual"] > 0

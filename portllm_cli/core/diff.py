@@ -544,12 +544,21 @@ def _equal(x: "torch.Tensor", y: "torch.Tensor") -> bool:
     return x.shape == y.shape and torch.equal(_f64(x), _f64(y))
 
 
+def _weight_factors(m: "LoraModule") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(scale * B, A) in the layout of the model's weight: embeddings and fan_in_fan_out store
+    the transpose, so there the delta is A^T B^T and the roles of the factors swap."""
+    B, A = _f64(m.B), _f64(m.A)
+    if m.kind == "embedding" or m.fan_in_fan_out:
+        B, A = A.T, B.T
+    return B * m.scale, A
+
+
 def diff_lora_modules(ma: "LoraModule", mb: "LoraModule") -> ModuleDiff:
     """Compare two LoRA deltas of the same weight from their factors alone."""
     import torch
 
-    Ba, Aa = _f64(ma.B) * ma.scale, _f64(ma.A)
-    Bb, Ab = _f64(mb.B) * mb.scale, _f64(mb.A)
+    Ba, Aa = _weight_factors(ma)
+    Bb, Ab = _weight_factors(mb)
     # D_B - D_A = [Bb, -Ba] @ [Ab; Aa]: a rank r_a + r_b product whose norm QR gives without
     # squaring (the Gram form would lose half the digits when the two patches nearly agree).
     same = ma.scale == mb.scale and _equal(ma.A, mb.A) and _equal(ma.B, mb.B)
@@ -735,10 +744,10 @@ class PatchModelDiff:
         drift = None
         if self.drift is not None:
             drift = self.drift.as_dict()
+            by_name = {t.name: t for t in self.drift.tensors}
             for row in drift["tensors"]:
-                t = next(x for x in self.drift.tensors if x.name == row["name"])
-                row["patch_norm"] = self.patch_norms.get(t.name)
-                row["drift_over_patch"] = _num(self.drift_over_patch(t))
+                row["patch_norm"] = self.patch_norms.get(row["name"])
+                row["drift_over_patch"] = _num(self.drift_over_patch(by_name[row["name"]]))
         return {
             "patch": self.patch,
             "model": self.model,
