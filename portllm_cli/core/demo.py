@@ -219,7 +219,7 @@ def run_demo(
     from portllm_cli.core.evaluate import config_name, evaluate
     from portllm_cli.core.models import resolve_device
     from portllm_cli.core.port import port_merged
-    from portllm_cli.core.train import continued_pretraining, finetune
+    from portllm_cli.core.train import checkpoint_dir_for, continued_pretraining, finetune, latest_checkpoint
     from portllm_cli.patch.format import read_patch
     from portllm_cli.resolve import resolve
 
@@ -250,6 +250,15 @@ def run_demo(
         stages.append({"stage": name, "seconds": round(time.perf_counter() - t, 2), "cached": cached, "out": str(out)})
         return cached
 
+    def resumable(out: Path) -> dict[str, Any]:
+        # an interrupted training stage left a checkpoint (Ctrl-C saves one): continue from it
+        root = checkpoint_dir_for(out)
+        has = latest_checkpoint(root) is not None
+        if has:
+            notify(Notice(what=f"resuming {out.name} from the checkpoint an interrupted run left", why="no work lost"))
+        # a checkpoint folder without a usable checkpoint is stale: let finetune replace it
+        return {"resume": has, "overwrite": root.exists() and not has}
+
     # 1. material ------------------------------------------------------------------------------
     t = time.perf_counter()
     mat = (material_fn or fetch_material)(sz, notify, progress)
@@ -274,7 +283,7 @@ def run_demo(
           f"continued pretraining of the model on the Python docs ({sz.cpt_steps} steps; finetune --task text --full)",
           lambda: continued_pretraining(str(mat.model), mat.corpus, evolved, lr=sz.cpt_lr, max_steps=sz.cpt_steps,
                                         batch_size=sz.cpt_batch, max_length=sz.cpt_seq, seed=sz.seed, device=dev,
-                                        progress=progress))
+                                        progress=progress, **resumable(evolved)))
 
     # 3. the patch, trained on the OLD model (= portllm finetune --task sst2) --------------------
     patch = workdir / f"patch-{_key(mat_keys['base'], mat_keys['train'], sz.rank, sz.alpha, sz.dropout, sz.targets, sz.lora_steps, sz.lora_batch, sz.lora_max_length, sz.lora_lr, sz.seed, dev)}"
@@ -283,7 +292,7 @@ def run_demo(
           lambda: finetune(str(mat.model), TASK, patch, data=train_file, rank=sz.rank, alpha=sz.alpha,
                            dropout=sz.dropout, lr=sz.lora_lr, max_steps=sz.lora_steps,
                            batch_size=sz.lora_batch, max_length=sz.lora_max_length, target_modules=sz.targets,
-                           seed=sz.seed, device=dev, progress=progress))
+                           seed=sz.seed, device=dev, progress=progress, **resumable(patch)))
 
     # 4. the port onto the evolved model (= portllm port) ---------------------------------------
     ported = workdir / f"ported-{_key(evolved.name, patch.name)}"
