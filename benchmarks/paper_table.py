@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 SCALES: dict[str, dict[str, Any]] = {
     "reference": dict(train=3000, test=1000, corpus_bytes=3_000_000, cpt_steps=1000, cpt_batch=16, cpt_seq=256,
                       cpt_lr=3e-5, lora_epochs=2, lora_batch=16, lora_max_length=128, lora_lr=3e-4, eval_batch=64),
-        # the demo's CPU sizes (portllm demo), plus the fifth row and the measurements: about an hour
+    # the demo's CPU sizes (portllm demo), plus the fifth row and the measurements: about an hour
     # per seed on a 2-core CPU shared with other work
     "small": dict(train=480, test=120, corpus_bytes=400_000, cpt_steps=12, cpt_batch=4, cpt_seq=128,
                   cpt_lr=2e-4, lora_epochs=1, lora_batch=8, lora_max_length=64, lora_lr=1e-3, eval_batch=16),
@@ -145,7 +145,6 @@ def run_seed(seed: int, sc: dict[str, Any], mat: Any, work: Path, device: str) -
 
     cpt = cached_json(work / f"{evolved.name}.result.json", train_cpt)
     ft_base = cached_json(work / f"{patch_base.name}.result.json", lambda: train_lora(base, patch_base))
-    ft_evo = cached_json(work / f"{patch_evo.name}.result.json", lambda: finetune_subprocess(evolved, patch_evo))
 
     def finetune_subprocess(model: Path, out: Path) -> dict[str, Any]:
         """`portllm finetune` on the evolved model as its own process, so its peak memory is its own."""
@@ -163,6 +162,8 @@ def run_seed(seed: int, sc: dict[str, Any], mat: Any, work: Path, device: str) -
         doc = json.loads(res.stdout)
         doc["process_wall_s"] = time.perf_counter() - t
         return doc
+
+    ft_evo = cached_json(work / f"{patch_evo.name}.result.json", lambda: finetune_subprocess(evolved, patch_evo))
 
     def do_port() -> dict[str, Any]:
         log(f"seed {seed}: port -> {ported}")
