@@ -120,16 +120,17 @@ def root(
 
 def _register() -> None:
     # Command modules import only typer at import time; torch and friends load inside the bodies.
-    # Each command adds one import and one registration line here.
+    from portllm_cli.cli import demo as demo_cmd
     from portllm_cli.cli import diff as diff_cmd
     from portllm_cli.cli import eval as eval_cmd
     from portllm_cli.cli import extract, port
-    from portllm_cli.cli import finetune as _finetune
+    from portllm_cli.cli import finetune as finetune_cmd
     from portllm_cli.cli.hub import hub_app
 
+    app.command("demo", epilog=demo_cmd.EPILOG)(demo_cmd.demo)
+    app.command("finetune", epilog=finetune_cmd.EPILOG)(finetune_cmd.finetune)
     app.command("extract", epilog=extract.EPILOG)(extract.extract)
     app.command("port", epilog=port.EPILOG)(port.port)
-    app.command("finetune", epilog=_finetune.EPILOG)(_finetune.finetune)
     app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_command)
     app.command("diff", epilog=diff_cmd.EPILOG)(diff_cmd.diff)
     app.add_typer(hub_app, name="hub")
