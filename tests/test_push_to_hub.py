@@ -58,3 +58,17 @@ def test_port_hub_patch_onto_local_model_and_push_adapter(hub, llama_lora_dir, l
     assert stored["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
     cfg = json.loads(stored["adapter_config.json"])
     assert cfg["base_model_name_or_path"] == str(llama_evolved_dir.resolve())
+
+
+def test_finetune_push_to_hub(hub, llama_dir, tmp_path):
+    data = tmp_path / "sst2.jsonl"
+    rows = [{"sentence": "a wonderful film", "label": 1}, {"sentence": "a dull boring film", "label": 0}] * 4
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "patch"
+    r = CliRunner().invoke(app, ["finetune", "--model", str(llama_dir), "--task", "sst2", "--data", str(data),
+                                 "--out", str(out), "--max-steps", "1", "--max-length", "32", "--rank", "2",
+                                 "--device", "cpu", "--push-to-hub", "alice/ft", "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["hub"]["commit_id"] == hub.head("alice/ft")
+    assert hub.files("alice/ft")["portllm.json"] == (out / "portllm.json").read_bytes()

@@ -7,8 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from portllm_cli.cli._options import DeviceOpt, DtypeOpt, JsonOpt, OverwriteOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
+from portllm_cli.cli._options import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    OverwriteOpt,
+    PushToHubOpt,
+    QuietOpt,
+    RevisionOpt,
+    TrustRemoteCodeOpt,
+)
 from portllm_cli.cli._output import Output
+from portllm_cli.cli.hub import push_result_if_requested
 
 EPILOG = """\
 Examples:
@@ -71,6 +81,7 @@ def finetune(
     revision: RevisionOpt = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    push_to_hub: PushToHubOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -112,4 +123,7 @@ def finetune(
     )
     if result.checkpoint_dir is not None:
         human += f"\n  checkpoints kept in {result.checkpoint_dir}"
+    pushed = push_result_if_requested(result.out, push_to_hub, o)
+    if pushed is not None:
+        summary["hub"] = pushed
     o.result(summary, human)
