@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from portllm_cli.cli.app import app
 from portllm_cli.core import demo as demo_mod
 from portllm_cli.core.tasks import get_recipe
+from tests import real
 
 POS = ["wonderful", "great", "delightful", "moving", "brilliant"]
 NEG = ["terrible", "dull", "boring", "awful", "tedious"]
@@ -193,7 +194,8 @@ def test_share_of_gain():
 def test_real_demo(tmp_path):
     """The real demo: SmolLM2-135M-Instruct, real polarity sentences, real continued pretraining."""
     t = time.perf_counter()
-    res = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--json"])
+    with real.in_real_home():  # the downloaded material is kept between runs; the stages are not
+        res = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     rows = {r["key"]: r["accuracy"] for r in doc["rows"]}

