@@ -453,6 +453,29 @@ def test_tampered_weights_fail_sha256(patch_dir):
     assert read_patch(patch_dir, verify=False).modules  # --no-verify reads it
 
 
+def test_weights_swapped_after_the_check_are_not_used(patch_dir, tmp_path, monkeypatch):
+    """The sha256 that is checked is that of the bytes the tensors come from: a file replaced on disk
+    between the integrity check and the parsing (a race by someone who can write to the folder)
+    changes nothing, because the file is read once."""
+    import torch
+
+    from portllm_cli.patch import format as fmt
+
+    evil = make_patch(tmp_path / "evil.patch", seed=7)
+    expected = {name: (m.A.clone(), m.B.clone()) for name, m in read_patch(patch_dir).modules.items()}
+    real_parse = fmt.parse_snapshot
+
+    def swap_then_parse(path, data):
+        shutil.copy(evil / "adapter_model.safetensors", path)  # the race, won by the attacker
+        return real_parse(path, data)
+
+    monkeypatch.setattr(fmt, "parse_snapshot", swap_then_parse)
+    got = read_patch(patch_dir)
+    assert (patch_dir / "adapter_model.safetensors").read_bytes() == (evil / "adapter_model.safetensors").read_bytes()
+    for name, (a, b) in expected.items():
+        assert torch.equal(got.modules[name].A, a) and torch.equal(got.modules[name].B, b)
+
+
 @pytest.mark.parametrize(
     "fn, cls, words",
     [

@@ -130,6 +130,12 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise InvalidInputError(f"{path!r}: not a valid file name") from None
     if len(raw) != n:
         raise InvalidInputError(f"{path}: corrupt safetensors header (file shrank while reading)")
+    return _parse_header(path, raw, size)
+
+
+def _parse_header(path: Path, raw: bytes, size: int) -> SafetensorsHeader:
+    """Validate the JSON header ``raw`` of a ``size``-byte safetensors file at ``path``."""
+    n = len(raw)
     doc = strict_json.loads(raw, where=path, what="safetensors header", allow_constants=False)
     if not isinstance(doc, dict):
         raise InvalidInputError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -322,6 +328,67 @@ def load_tensors(path: str | os.PathLike[str]) -> dict[str, "torch.Tensor"]:
     """Read every tensor of a (small) validated safetensors file."""
     header = read_header(path)
     return {name: read_tensor(path, info) for name, info in header.tensors.items()}
+
+
+def read_snapshot(path: str | os.PathLike[str]) -> tuple[str, bytearray]:
+    """Read a (small) file once into memory: (sha256 of the bytes, the bytes).
+
+    With parse_snapshot, the digest a caller checks and the tensors it uses come from the same
+    bytes, so a file swapped or rewritten between the integrity check and the read cannot slip
+    through (as it could if the file were hashed first and opened again afterwards). For patches,
+    whose tensors are all loaded anyway.
+    """
+    import hashlib
+
+    path = Path(path)
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+                raise InvalidInputError(f"{path}: not a regular file")
+            buf = bytearray(st.st_size)
+            view = memoryview(buf)
+            got = 0
+            while got < len(buf):
+                k = fh.readinto(view[got:])
+                if not k:
+                    raise InvalidInputError(f"{path}: file shrank while reading")
+                got += k
+            if fh.read(1):
+                raise InvalidInputError(f"{path}: file grew while reading")
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"{path}: is a directory, expected a safetensors file") from None
+    except PermissionError:
+        raise InvalidInputError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    return hashlib.sha256(buf).hexdigest(), buf
+
+
+def parse_snapshot(path: str | os.PathLike[str], buf: bytearray) -> tuple[SafetensorsHeader, dict[str, "torch.Tensor"]]:
+    """The validated header and every tensor of a safetensors file held in memory (see read_snapshot)."""
+    import torch
+
+    path = Path(path)
+    size = len(buf)
+    if size < 8:
+        raise InvalidInputError(f"{path}: not a safetensors file (empty or truncated header)")
+    (n,) = struct.unpack("<Q", bytes(buf[:8]))
+    if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+        raise InvalidInputError(f"{path}: corrupt safetensors header (header length {n} for a {size}-byte file)")
+    header = _parse_header(path, bytes(buf[8:8 + n]), size)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.tensors.items():
+        dtype = torch_dtype(info.dtype)
+        if info.nbytes == 0:
+            tensors[name] = torch.empty(info.shape, dtype=dtype)
+        elif info.begin % DTYPES[info.dtype][0] == 0:  # a view of the buffer: no second copy
+            tensors[name] = torch.frombuffer(buf, dtype=dtype, count=info.numel, offset=info.begin).reshape(info.shape)
+        else:  # a misaligned tensor gets its own aligned storage
+            tensors[name] = torch.frombuffer(bytearray(buf[info.begin:info.end]), dtype=dtype).reshape(info.shape)
+    return header, tensors
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:

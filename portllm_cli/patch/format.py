@@ -30,7 +30,7 @@ from portllm_cli.errors import (
     UnsupportedError,
 )
 from portllm_cli.io.checkpoint import read_json
-from portllm_cli.io.safetensors import load_tensors, read_header, save_tensors
+from portllm_cli.io.safetensors import parse_snapshot, read_snapshot, save_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -433,9 +433,10 @@ def _read_patch(path: Path, *, verify: bool) -> Patch:
     warnings: list[str] = []
     cfg = _validate_config(read_json(cfg_path, "adapter config"), cfg_path, warnings)
     manifest = read_manifest(path)
+    # one read: the digest checked below is that of the very bytes the tensors are parsed from
+    digest, data = read_snapshot(weights)
     if manifest:
         if verify:
-            digest = sha256_file(weights)
             if digest != manifest["tensors"]["sha256"]:
                 raise IntegrityError(
                     f"{weights}: sha256 {digest[:12]}… does not match the manifest's {manifest['tensors']['sha256'][:12]}…",
@@ -443,8 +444,7 @@ def _read_patch(path: Path, *, verify: bool) -> Patch:
                 )
     else:
         warnings.append(f"{path}: no {MANIFEST}; a plain PEFT adapter (not integrity-checked)")
-    read_header(weights)  # validates the layout before any tensor is read
-    tensors = load_tensors(weights)
+    _, tensors = parse_snapshot(weights, data)  # validates the layout before any tensor is used
     modules = parse_modules(tensors, cfg, weights, warnings)
     return Patch(path, cfg, manifest, modules, warnings)
 
