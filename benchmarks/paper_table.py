@@ -46,7 +46,7 @@ SCALES: dict[str, dict[str, Any]] = {
                       cpt_lr=3e-5, lora_epochs=2, lora_batch=16, lora_max_length=128, lora_lr=3e-4, eval_batch=64),
     # the demo's CPU sizes (portllm demo), plus the fifth row and the measurements: about an hour
     # per seed on a 2-core CPU shared with other work
-    "small": dict(train=480, test=120, corpus_bytes=400_000, cpt_steps=12, cpt_batch=4, cpt_seq=128,
+    "small": dict(train=480, test=300, corpus_bytes=400_000, cpt_steps=12, cpt_batch=4, cpt_seq=128,
                   cpt_lr=2e-4, lora_epochs=1, lora_batch=8, lora_max_length=64, lora_lr=1e-3, eval_batch=16),
 }
 LORA = dict(rank=8, alpha=16.0, dropout=0.1, target_modules=("q_proj", "v_proj"))

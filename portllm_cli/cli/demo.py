@@ -46,7 +46,7 @@ def demo(
     cpt_steps: Annotated[Optional[int], typer.Option("--cpt-steps", help="Continued-pretraining steps that make the evolved model (default 12 on CPU, 300 on a GPU).")] = None,
     lora_steps: Annotated[Optional[int], typer.Option("--lora-steps", help="LoRA training steps for the patch (default 60 on CPU, 375 on a GPU).")] = None,
     train_size: Annotated[Optional[int], typer.Option("--train-size", help="Training sentences for the patch (default 480 on CPU, 3000 on a GPU).")] = None,
-    test_size: Annotated[Optional[int], typer.Option("--test-size", help="Held-out sentences to score (default 120 on CPU, 1000 on a GPU).")] = None,
+    test_size: Annotated[Optional[int], typer.Option("--test-size", help="Held-out sentences to score (default 300 on CPU, 1000 on a GPU).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for training (the data split is fixed).")] = 0,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,

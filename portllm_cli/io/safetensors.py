@@ -7,6 +7,7 @@ any byte of it is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from portllm_cli.errors import IntegrityError, InvalidInputError, NotFoundError
 from portllm_cli.io import strict_json
@@ -93,31 +94,11 @@ def dtype_name(dtype: "torch.dtype") -> str:
     raise InvalidInputError(f"dtype {dtype} cannot be stored in safetensors by portllm")
 
 
-def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
-    """Parse and validate the header of a safetensors file without reading its data.
-
-    Refused: an empty or truncated file, a header that is not a JSON object (or has duplicate
-    keys), unknown dtypes, bad shapes, offsets outside the file, offsets that disagree with
-    dtype x shape, overlapping tensors, gaps, and trailing bytes.
-    """
-    path = Path(path)
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """OS errors while reading ``path`` become one-line PortllmErrors."""
     try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(path)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-            raise InvalidInputError(f"{path}: not a regular file")
-        size = st.st_size
-        with open(path, "rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise InvalidInputError(f"{path}: not a safetensors file (empty or truncated header)")
-            (n,) = struct.unpack("<Q", prefix)
-            if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-                raise InvalidInputError(
-                    f"{path}: corrupt safetensors header (header length {n} for a {size}-byte file)"
-                )
-            raw = fh.read(n)
+        yield
     except FileNotFoundError:
         raise NotFoundError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -128,6 +109,38 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise InvalidInputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     except ValueError:  # e.g. an embedded NUL in the path
         raise InvalidInputError(f"{path!r}: not a valid file name") from None
+
+
+def _regular_size(path: Path, st: os.stat_result) -> int:
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise InvalidInputError(f"{path}: not a regular file")
+    return st.st_size
+
+
+def _header_length(path: Path, prefix: bytes, size: int) -> int:
+    if len(prefix) < 8:
+        raise InvalidInputError(f"{path}: not a safetensors file (empty or truncated header)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+        raise InvalidInputError(f"{path}: corrupt safetensors header (header length {n} for a {size}-byte file)")
+    return n
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file without reading its data.
+
+    Refused: an empty or truncated file, a header that is not a JSON object (or has duplicate
+    keys), unknown dtypes, bad shapes, offsets outside the file, offsets that disagree with
+    dtype x shape, overlapping tensors, gaps, and trailing bytes.
+    """
+    path = Path(path)
+    with _reading(path):
+        size = _regular_size(path, os.stat(path))
+        with open(path, "rb") as fh:
+            n = _header_length(path, fh.read(8), size)
+            raw = fh.read(n)
     if len(raw) != n:
         raise InvalidInputError(f"{path}: corrupt safetensors header (file shrank while reading)")
     return _parse_header(path, raw, size)
@@ -341,29 +354,20 @@ def read_snapshot(path: str | os.PathLike[str]) -> tuple[str, bytearray]:
     import hashlib
 
     path = Path(path)
-    try:
-        with open(path, "rb", buffering=0) as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-                raise InvalidInputError(f"{path}: not a regular file")
-            buf = bytearray(st.st_size)
-            view = memoryview(buf)
-            got = 0
-            while got < len(buf):
-                k = fh.readinto(view[got:])
-                if not k:
-                    raise InvalidInputError(f"{path}: file shrank while reading")
-                got += k
-            if fh.read(1):
-                raise InvalidInputError(f"{path}: file grew while reading")
-    except FileNotFoundError:
-        raise NotFoundError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidInputError(f"{path}: is a directory, expected a safetensors file") from None
-    except PermissionError:
-        raise InvalidInputError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise InvalidInputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    with _reading(path):
+        _regular_size(path, os.stat(path))  # before open(): opening a FIFO would block
+        fh = open(path, "rb", buffering=0)
+    with _reading(path), fh:
+        buf = bytearray(_regular_size(path, os.fstat(fh.fileno())))
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            k = fh.readinto(view[got:])
+            if not k:
+                raise InvalidInputError(f"{path}: file shrank while reading")
+            got += k
+        if fh.read(1):
+            raise InvalidInputError(f"{path}: file grew while reading")
     return hashlib.sha256(buf).hexdigest(), buf
 
 
@@ -373,11 +377,7 @@ def parse_snapshot(path: str | os.PathLike[str], buf: bytearray) -> tuple[Safete
 
     path = Path(path)
     size = len(buf)
-    if size < 8:
-        raise InvalidInputError(f"{path}: not a safetensors file (empty or truncated header)")
-    (n,) = struct.unpack("<Q", bytes(buf[:8]))
-    if n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-        raise InvalidInputError(f"{path}: corrupt safetensors header (header length {n} for a {size}-byte file)")
+    n = _header_length(path, bytes(buf[:8]), size)
     header = _parse_header(path, bytes(buf[8:8 + n]), size)
     tensors: dict[str, torch.Tensor] = {}
     for name, info in header.tensors.items():
