@@ -407,6 +407,7 @@ def test_smollm2_polarity_patch_beats_zero_shot(tmp_path):
     import transformers
     from peft import PeftModel
 
+    torch.set_num_threads(os.cpu_count() or 1)  # a real model: every core (the module's fixture set one)
     model_dir = real.smollm2()
     pol = real.polarity(n_test=1000)
     n_test = int(os.environ.get("PORTLLM_IT_TEST", "400"))
