@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny
-from tests.hub_fixtures import hub  # noqa: F401  (the fake Hub fixture, see tests/hub_fixtures.py)
+from tests.hub_fixtures import hub, hub_datasets  # noqa: F401  (the fake Hub fixtures, see tests/hub_fixtures.py)
 
 
 @pytest.fixture(autouse=True)

@@ -1,22 +1,43 @@
 """A small Hugging Face Hub-compatible HTTP server for the test suite (standard library only).
 
 It implements the part of the Hub API that the real ``huggingface_hub`` client (2.x) uses for
-portllm's push and pull: create repo, whoami, repo info, tree listing, refs, branch creation,
-preupload, commit (NDJSON), YAML validation, and file resolve (HEAD and GET, with Range).
+portllm's push and pull, and that ``datasets.load_dataset`` (5.x) uses to read a dataset repo:
+create repo, whoami, repo info, tree listing, paths-info, refs, branch creation, preupload, commit
+(NDJSON), YAML validation, and file resolve (HEAD and GET, with Range).
+
+Model and dataset repos live side by side, as on the Hub (a model and a dataset may share a name):
+
+    model                                   dataset
+    POST /api/repos/create {"type": ...}    (same, "type": "dataset")
+    GET  /api/models/{id}[/revision/{rev}]  GET  /api/datasets/{id}[/revision/{rev}]
+    GET  /api/models/{id}/tree/{rev}/{path} GET  /api/datasets/{id}/tree/{rev}/{path}
+    POST /api/models/{id}/paths-info/{rev}  POST /api/datasets/{id}/paths-info/{rev}
+    .../refs, preupload/{rev}, commit/{rev}, branch/{rev}: likewise under /api/datasets/{id}/
+    HEAD/GET /{id}/resolve/{rev}/{path}     HEAD/GET /datasets/{id}/resolve/{rev}/{path}
+
+``load_dataset("nyu-mll/glue", "sst2")`` asks for README.md (its YAML ``configs:`` block maps
+configs to data files), the repo info at the README's commit, probes ``glue.py``,
+``.huggingface.yaml`` and ``dataset_infos.json`` (404 here, as for most Hub datasets), lists the
+tree, then resolves each Parquet file of the config. Two things it also tries live elsewhere on the
+real Hub and are not served: the dataset viewer's Parquet export (another host) and a
+download-count ping (s3); tests/hub_fixtures.py switches both off in ``datasets.config``.
 
 Every upload is steered to the "regular" (base64-in-the-commit) path: preupload answers
 ``uploadMode: "regular"`` for every file and nothing advertises Xet (no ``xetHash`` in the tree,
 no ``X-Xet-*`` headers), so neither LFS uploads nor ``hf_xet`` ever get involved.
 
-Downloads of weight files (``*.safetensors``, ``*.bin``, ...) go the way the Hub serves LFS files:
-HEAD/GET resolve answer 302 with ``X-Linked-Etag`` (the sha256), ``X-Linked-Size`` and a
-``Location`` on another origin (``localhost`` rather than ``127.0.0.1``, a stand-in CDN), which the
-client fetches without its token (the server refuses one) using a signed URL. Other files are
+Downloads of weight and data files (``*.safetensors``, ``*.bin``, ``*.parquet`` ...) go the way
+the Hub serves LFS files: HEAD/GET resolve answer 302 with ``X-Linked-Etag`` (the sha256),
+``X-Linked-Size`` and a ``Location`` on another origin (``localhost`` rather than ``127.0.0.1``, a
+stand-in CDN: ``/cdn/[datasets/]{id}/{sha256}/{path}``), which the client fetches without its token
+(the server refuses one) using a signed URL. Other files are
 served directly with ``ETag`` (git blob sha1), ``X-Repo-Commit`` and ``Content-Length``. GET
 honours ``Range: bytes=N-`` so the client can resume.
 
 Blobs are stored content-addressed under a root directory; commits are kept in memory as
-``{path: sha256}`` snapshots with a parent, one history per branch.
+``{path: sha256}`` snapshots with a parent, one history per branch. ``HubState.repos`` is keyed as
+the URL path names a repo: ``user/name`` for a model, ``datasets/user/name`` for a dataset (see
+``repo_key``); the test helpers take ``repo_type="dataset"``.
 
 Auth mirrors the Hub: a token maps to a user with a "read" or "write" role. An unknown token gets
 401 on every endpoint; a write without a token gets 401, a write with a read-only token (or to a
@@ -79,6 +100,7 @@ class Repo:
     repo_id: str
     private: bool
     created: str
+    repo_type: str = "model"  # "model" or "dataset"
     branches: dict[str, str] = field(default_factory=dict)  # branch -> commit id
     commits: dict[str, Commit] = field(default_factory=dict)
 
@@ -119,14 +141,15 @@ class HubState:
         self.root = Path(root)
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         self.tokens = dict(tokens)
+        # keyed by repo_key(): "user/name" for a model, "datasets/user/name" for a dataset
         self.repos: dict[str, Repo] = {}
-        self.faults: dict[tuple[str, str], Fault] = {}
+        self.faults: dict[tuple[str, str], Fault] = {}  # (repo_key, path) -> fault
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
         self.lock = threading.RLock()
         self._counter = 0
         # Files served like the Hub serves LFS files: HEAD/GET resolve answer 302 to a "CDN" on
         # another origin (localhost instead of 127.0.0.1) with X-Linked-Etag / X-Linked-Size.
-        self.lfs_patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+        self.lfs_patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.parquet")
         self.secret = hashlib.sha256(str(time.time_ns()).encode()).hexdigest()
 
     def is_lfs(self, path: str) -> bool:
@@ -159,13 +182,19 @@ class HubState:
         repo.commits[commit.id] = commit
         return commit
 
-    def create_repo(self, repo_id: str, private: bool) -> Repo:
-        repo = Repo(repo_id, private, _now())
-        gitattributes = self.put_blob(b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    def create_repo(self, repo_id: str, private: bool, repo_type: str = "model") -> Repo:
+        repo = Repo(repo_id, private, _now(), repo_type)
+        lfs = b"*.safetensors" if repo_type == "model" else b"*.parquet"
+        gitattributes = self.put_blob(lfs + b" filter=lfs diff=lfs merge=lfs -text\n")
         first = self.new_commit(repo, None, {".gitattributes": gitattributes}, "initial commit")
         repo.branches[DEFAULT_BRANCH] = first.id
-        self.repos[repo_id] = repo
+        self.repos[repo_key(repo_type, repo_id)] = repo
         return repo
+
+
+def repo_key(repo_type: str, repo_id: str) -> str:
+    """Where a repo lives in HubState.repos: as its URL path names it ("datasets/" before a dataset)."""
+    return repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
 
 
 def _pointer(digest: str, size: int) -> bytes:
@@ -234,18 +263,19 @@ class Handler(BaseHTTPRequestHandler):
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def _repo_for_read(self, repo_id: str, user: User | None) -> Repo:
-        repo = self.state.repos.get(repo_id)
-        if repo is None or (repo.private and not (user and user.can_see(repo_id))):
+    def _repo_for_read(self, key: str, user: User | None) -> Repo:
+        """The repo at ``key`` (see repo_key: "user/name", "datasets/user/name") if the caller may read it."""
+        repo = self.state.repos.get(key)
+        if repo is None or (repo.private and not (user and user.can_see(repo.repo_id))):
             # The Hub answers 401 to anonymous callers and 404 to others, never revealing the repo.
             raise HubError(401 if user is None else 404, "Repository not found", "RepoNotFound")
         return repo
 
-    def _repo_for_write(self, repo_id: str, user: User | None) -> Repo:
+    def _repo_for_write(self, key: str, user: User | None) -> Repo:
         if user is None:
             raise HubError(401, "You must be authenticated to access this resource")
-        repo = self._repo_for_read(repo_id, user)
-        if not user.can_write_to(repo_id.split("/", 1)[0]):
+        repo = self._repo_for_read(key, user)
+        if not user.can_write_to(repo.repo_id.split("/", 1)[0]):
             raise HubError(403, "You don't have the rights to write to this repository; a write token is needed")
         return repo
 
@@ -295,24 +325,31 @@ class Handler(BaseHTTPRequestHandler):
             return lambda: self._json(*self._validate_yaml(body))
         if seg[:3] == ["api", "repos", "create"] and method == "POST":
             return self._create_repo(json.loads(body or b"{}"), user)
-        if len(seg) >= 4 and seg[:2] == ["api", "models"]:
-            repo_id, rest = f"{seg[2]}/{seg[3]}", seg[4:]
+        if len(seg) >= 4 and seg[0] == "api" and seg[1] in ("models", "datasets"):
+            repo_type = seg[1][:-1]
+            key, rest = repo_key(repo_type, f"{seg[2]}/{seg[3]}"), seg[4:]
             if not rest and method == "GET":
-                return self._info(repo_id, DEFAULT_BRANCH, user)
+                return self._info(key, DEFAULT_BRANCH, user)
             if rest[:1] == ["revision"] and len(rest) >= 2 and method == "GET":
-                return self._info(repo_id, "/".join(rest[1:]), user)
+                return self._info(key, "/".join(rest[1:]), user)
             if rest[:1] == ["tree"] and len(rest) >= 2 and method == "GET":
-                return self._tree(repo_id, rest[1], "/".join(rest[2:]), query, user)
+                return self._tree(key, rest[1], "/".join(rest[2:]), query, user)
+            if rest[:1] == ["paths-info"] and len(rest) >= 2 and method == "POST":
+                return self._paths_info(key, "/".join(rest[1:]), body, user)
             if rest == ["refs"] and method == "GET":
-                return self._refs(repo_id, user)
+                return self._refs(key, user)
             if rest[:1] == ["preupload"] and len(rest) == 2 and method == "POST":
-                return self._preupload(repo_id, rest[1], json.loads(body or b"{}"), user)
+                return self._preupload(key, rest[1], json.loads(body or b"{}"), user)
             if rest[:1] == ["commit"] and len(rest) == 2 and method == "POST":
-                return self._do_commit(repo_id, rest[1], body, user)
+                return self._do_commit(key, rest[1], body, user)
             if rest[:1] == ["branch"] and len(rest) == 2 and method == "POST":
-                return self._branch(repo_id, rest[1], json.loads(body or b"{}"), user)
+                return self._branch(key, rest[1], json.loads(body or b"{}"), user)
+        if len(seg) >= 6 and seg[0] == "cdn" and seg[1] == "datasets" and method in ("GET", "HEAD"):
+            return self._cdn(repo_key("dataset", f"{seg[2]}/{seg[3]}"), seg[4], "/".join(seg[5:]), query)
         if len(seg) >= 5 and seg[0] == "cdn" and method in ("GET", "HEAD"):
             return self._cdn(f"{seg[1]}/{seg[2]}", seg[3], "/".join(seg[4:]), query)
+        if len(seg) >= 6 and seg[0] == "datasets" and seg[3] == "resolve" and method in ("GET", "HEAD"):
+            return self._resolve(repo_key("dataset", f"{seg[1]}/{seg[2]}"), seg[4], "/".join(seg[5:]), user)
         if len(seg) >= 5 and seg[2] == "resolve" and method in ("GET", "HEAD"):
             return self._resolve(f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]), user)
         raise HubError(404, f"no route for {method} /{'/'.join(seg)}")
@@ -336,27 +373,30 @@ class Handler(BaseHTTPRequestHandler):
         if user is None:
             raise HubError(401, "You must be authenticated to access this resource")
         name, org = payload.get("name"), payload.get("organization") or user.name
-        if payload.get("type") not in (None, "model"):
-            raise HubError(400, "this test hub only holds model repos")
+        repo_type = payload.get("type") or "model"
+        if repo_type not in ("model", "dataset"):
+            raise HubError(400, "this test hub only holds model and dataset repos")
         if not user.can_write_to(org):
-            raise HubError(403, f"You don't have the rights to create a model under the namespace {org!r}")
+            raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace {org!r}")
         repo_id = f"{org}/{name}"
-        url = f"{self._base()}/{repo_id}"
-        if repo_id in self.state.repos:
+        key = repo_key(repo_type, repo_id)
+        url = f"{self._base()}/{key}"
+        if key in self.state.repos:
             # Like the Hub, the 409 body still carries the url (create_repo(exist_ok=True) reads it).
-            doc = {"error": "You already created this model repo", "url": url}
+            doc = {"error": f"You already created this {repo_type} repo", "url": url}
             return lambda: self._json(409, doc, {"X-Error-Message": doc["error"]})
-        self.state.create_repo(repo_id, payload.get("visibility") == "private" or bool(payload.get("private")))
+        self.state.create_repo(repo_id, payload.get("visibility") == "private" or bool(payload.get("private")),
+                               repo_type)
         doc = {"url": url, "name": repo_id, "id": repo_id}
         return lambda: self._json(200, doc)
 
-    def _info(self, repo_id: str, rev: str, user: User | None):
-        repo = self._repo_for_read(repo_id, user)
+    def _info(self, key: str, rev: str, user: User | None):
+        repo = self._repo_for_read(key, user)
         commit = self._commit(repo, rev)
+        repo_id = repo.repo_id
         doc = {
-            "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+            "_id": hashlib.sha1(key.encode()).hexdigest()[:24],
             "id": repo_id,
-            "modelId": repo_id,
             "author": repo_id.split("/")[0],
             "sha": commit.id,
             "lastModified": commit.date,
@@ -369,10 +409,12 @@ class Handler(BaseHTTPRequestHandler):
             "likes": 0,
             "siblings": [{"rfilename": p} for p in sorted(commit.files)],
         }
+        if repo.repo_type == "model":
+            doc["modelId"] = repo_id
         return lambda: self._json(200, doc)
 
-    def _tree(self, repo_id: str, rev: str, path: str, query: dict[str, str], user: User | None):
-        repo = self._repo_for_read(repo_id, user)
+    def _tree(self, key: str, rev: str, path: str, query: dict[str, str], user: User | None):
+        repo = self._repo_for_read(key, user)
         commit = self._commit(repo, rev)
         recursive = query.get("recursive", "false").lower() in ("1", "true")
         prefix = f"{path.strip('/')}/" if path.strip("/") else ""
@@ -393,30 +435,51 @@ class Handler(BaseHTTPRequestHandler):
                 if not recursive:
                     break
             if recursive or len(parts) == 1:
-                data = self.state.blob(digest)
-                entries[p] = {"type": "file", "oid": git_sha1(data), "size": len(data), "path": p}
-                if self.state.is_lfs(p):
-                    entries[p]["lfs"] = {"oid": digest, "size": len(data), "pointerSize": len(_pointer(digest, len(data)))}
-                    entries[p]["oid"] = git_sha1(_pointer(digest, len(data)))
+                entries[p] = self._file_entry(p, digest)
         doc = list(entries.values())
         return lambda: self._json(200, doc)
 
-    def _refs(self, repo_id: str, user: User | None):
-        repo = self._repo_for_read(repo_id, user)
+    def _file_entry(self, path: str, digest: str) -> dict[str, Any]:
+        """A file as the tree and paths-info listings describe it (LFS files by their pointer)."""
+        data = self.state.blob(digest)
+        entry: dict[str, Any] = {"type": "file", "oid": git_sha1(data), "size": len(data), "path": path}
+        if self.state.is_lfs(path):
+            entry["lfs"] = {"oid": digest, "size": len(data), "pointerSize": len(_pointer(digest, len(data)))}
+            entry["oid"] = git_sha1(_pointer(digest, len(data)))
+        return entry
+
+    def _paths_info(self, key: str, rev: str, body: bytes, user: User | None):
+        """POST paths-info: the client sends a form (``paths=a&paths=b&expand=False``); unknown paths
+        are left out of the answer, a folder is listed as a directory."""
+        repo = self._repo_for_read(key, user)
+        commit = self._commit(repo, rev)
+        form = parse_qs(body.decode(), keep_blank_values=True)
+        doc = []
+        for path in form.get("paths", []):
+            path = path.strip("/")
+            if path in commit.files:
+                doc.append(self._file_entry(path, commit.files[path]))
+            elif any(p.startswith(path + "/") for p in commit.files):
+                doc.append({"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0,
+                            "path": path})
+        return lambda: self._json(200, doc)
+
+    def _refs(self, key: str, user: User | None):
+        repo = self._repo_for_read(key, user)
         doc = {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.branches.items()],
                "tags": [], "converts": []}
         return lambda: self._json(200, doc)
 
-    def _branch(self, repo_id: str, branch: str, payload: dict[str, Any], user: User | None):
-        repo = self._repo_for_write(repo_id, user)
+    def _branch(self, key: str, branch: str, payload: dict[str, Any], user: User | None):
+        repo = self._repo_for_write(key, user)
         if branch in repo.branches:
             raise HubError(409, f"Reference refs/heads/{branch} already exists")
         start = self._commit(repo, payload.get("startingPoint") or DEFAULT_BRANCH)
         repo.branches[branch] = start.id
         return lambda: self._json(200, {})
 
-    def _preupload(self, repo_id: str, rev: str, payload: dict[str, Any], user: User | None):
-        repo = self._repo_for_write(repo_id, user)
+    def _preupload(self, key: str, rev: str, payload: dict[str, Any], user: User | None):
+        repo = self._repo_for_write(key, user)
         commit = self._commit(repo, rev)
         files = []
         for f in payload.get("files", []):
@@ -425,8 +488,8 @@ class Handler(BaseHTTPRequestHandler):
             files.append({"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": oid})
         return lambda: self._json(200, {"files": files, "commitOid": commit.id})
 
-    def _do_commit(self, repo_id: str, rev: str, body: bytes, user: User | None):
-        repo = self._repo_for_write(repo_id, user)
+    def _do_commit(self, key: str, rev: str, body: bytes, user: User | None):
+        repo = self._repo_for_write(key, user)
         if rev not in repo.branches:
             raise HubError(404, f"Invalid rev id: {rev} (commits go to a branch; create it first)", "RevisionNotFound")
         head = repo.commits[repo.branches[rev]]
@@ -436,22 +499,22 @@ class Handler(BaseHTTPRequestHandler):
             if not line.strip():
                 continue
             item = json.loads(line)
-            key, value = item.get("key"), item.get("value") or {}
-            if key == "header":
+            op, value = item.get("key"), item.get("value") or {}
+            if op == "header":
                 header = value
-            elif key == "file":
+            elif op == "file":
                 if value.get("encoding", "base64") != "base64":
                     raise HubError(400, "only base64 file content is supported")
                 files[value["path"]] = self.state.put_blob(base64.b64decode(value["content"]))
-            elif key == "deletedFile":
+            elif op == "deletedFile":
                 if value["path"] not in files:
                     raise HubError(404, "A file with this name doesn't exist", "EntryNotFound")
                 del files[value["path"]]
-            elif key == "deletedFolder":
+            elif op == "deletedFolder":
                 folder = value["path"].rstrip("/") + "/"
                 files = {p: d for p, d in files.items() if not p.startswith(folder)}
             else:
-                raise HubError(400, f"unsupported commit operation {key!r} (this hub takes regular uploads only)")
+                raise HubError(400, f"unsupported commit operation {op!r} (this hub takes regular uploads only)")
         parent = header.get("parentCommit")
         if parent and parent != head.id:
             raise HubError(412, f"parent commit {parent} is not the head of {rev}")
@@ -459,12 +522,12 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(400, "a commit needs a summary")
         commit = self.state.new_commit(repo, head.id, files, header["summary"])
         repo.branches[rev] = commit.id
-        doc = {"commitUrl": f"{self._base()}/{repo_id}/commit/{commit.id}", "commitOid": commit.id,
+        doc = {"commitUrl": f"{self._base()}/{key}/commit/{commit.id}", "commitOid": commit.id,
                "pullRequestUrl": None}
         return lambda: self._json(200, doc)
 
-    def _resolve(self, repo_id: str, rev: str, path: str, user: User | None):
-        repo = self._repo_for_read(repo_id, user)
+    def _resolve(self, key: str, rev: str, path: str, user: User | None):
+        repo = self._repo_for_read(key, user)
         commit = self._commit(repo, rev)
         digest = commit.files.get(path)
         if digest is None:
@@ -472,32 +535,32 @@ class Handler(BaseHTTPRequestHandler):
         data = self.state.blob(digest)
         if self.state.is_lfs(path):
             port = self.server.server_address[1]
-            sig = self.state.sign(repo_id, digest, path)
-            location = f"http://localhost:{port}/cdn/{repo_id}/{digest}/{quote(path)}?sig={sig}"
+            sig = self.state.sign(key, digest, path)
+            location = f"http://localhost:{port}/cdn/{key}/{digest}/{quote(path)}?sig={sig}"
             headers = {"X-Repo-Commit": commit.id, "ETag": f'"{git_sha1(_pointer(digest, len(data)))}"',
                        "X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data)), "Location": location}
             return lambda: self._send(302, b"", headers, content_type="text/plain")
         headers = {"X-Repo-Commit": commit.id, "ETag": f'"{git_sha1(data)}"', "Accept-Ranges": "bytes"}
-        fault = self._take_fault(repo_id, path)  # under the lock
+        fault = self._take_fault(key, path)  # under the lock
         return lambda: self._serve_file(data, headers, fault)
 
-    def _take_fault(self, repo_id: str, path: str) -> Fault | None:
-        fault = self.state.faults.get((repo_id, path)) if self.command == "GET" else None
+    def _take_fault(self, key: str, path: str) -> Fault | None:
+        fault = self.state.faults.get((key, path)) if self.command == "GET" else None
         if fault is not None and fault.times is not None:
             fault.times -= 1
             if fault.times <= 0:
-                del self.state.faults[(repo_id, path)]
+                del self.state.faults[(key, path)]
         return fault
 
-    def _cdn(self, repo_id: str, digest: str, path: str, query: dict[str, str]):
+    def _cdn(self, key: str, digest: str, path: str, query: dict[str, str]):
         """The signed "CDN" URL an LFS file redirects to: no auth header, a signature instead."""
         if self.headers.get("Authorization"):
             raise HubError(400, "the CDN must not receive the Hub token")
-        if not hmac.compare_digest(query.get("sig", ""), self.state.sign(repo_id, digest, path)):
+        if not hmac.compare_digest(query.get("sig", ""), self.state.sign(key, digest, path)):
             raise HubError(403, "bad signature")
         data = self.state.blob(digest)
         headers = {"ETag": f'"{digest}"', "Accept-Ranges": "bytes"}
-        fault = self._take_fault(repo_id, path)  # under the lock
+        fault = self._take_fault(key, path)  # under the lock
         return lambda: self._serve_file(data, headers, fault)
 
     def _serve_file(self, data: bytes, headers: dict[str, str], fault: Fault | None) -> None:
@@ -570,29 +633,29 @@ class HubServer:
             self._httpd = None
 
     # -- test helpers ----------------------------------------------------------------------
-    def corrupt(self, repo_id: str, path: str, *, times: int | None = None) -> None:
+    def corrupt(self, repo_id: str, path: str, *, times: int | None = None, repo_type: str = "model") -> None:
         with self.state.lock:
-            self.state.faults[(repo_id, path)] = Fault("corrupt", times=times)
+            self.state.faults[(repo_key(repo_type, repo_id), path)] = Fault("corrupt", times=times)
 
-    def drop(self, repo_id: str, path: str, *, at: int, times: int | None = None) -> None:
+    def drop(self, repo_id: str, path: str, *, at: int, times: int | None = None, repo_type: str = "model") -> None:
         with self.state.lock:
-            self.state.faults[(repo_id, path)] = Fault("drop", at=at, times=times)
+            self.state.faults[(repo_key(repo_type, repo_id), path)] = Fault("drop", at=at, times=times)
 
     def clear_faults(self) -> None:
         with self.state.lock:
             self.state.faults.clear()
 
-    def files(self, repo_id: str, rev: str = DEFAULT_BRANCH) -> dict[str, bytes]:
+    def files(self, repo_id: str, rev: str = DEFAULT_BRANCH, *, repo_type: str = "model") -> dict[str, bytes]:
         """The files of a repo at a revision, read straight from storage (for assertions)."""
         with self.state.lock:
-            repo = self.state.repos[repo_id]
+            repo = self.state.repos[repo_key(repo_type, repo_id)]
             commit = repo.resolve(rev)
             assert commit is not None, rev
             return {p: self.state.blob(d) for p, d in commit.files.items()}
 
-    def head(self, repo_id: str, branch: str = DEFAULT_BRANCH) -> str:
+    def head(self, repo_id: str, branch: str = DEFAULT_BRANCH, *, repo_type: str = "model") -> str:
         with self.state.lock:
-            return self.state.repos[repo_id].branches[branch]
+            return self.state.repos[repo_key(repo_type, repo_id)].branches[branch]
 
     def requests(self) -> list[tuple[str, str]]:
         with self.state.lock:

@@ -178,7 +178,7 @@ def test_patch_removal_is_clean(llama_dir, strong_patch, sst2_file):
 
 
 def test_only_and_skipped_patch(llama_dir, llama_evolved_dir, strong_patch, misfit_patch, sst2_file):
-    m1, m2, p, bad = str(llama_dir), str(llama_evolved_dir), str(strong_patch), str(misfit_patch)
+    m1, m2, p = str(llama_dir), str(llama_evolved_dir), str(strong_patch)
     from portllm_cli.core.evaluate import _Model, _Patch, plan_configurations
     from portllm_cli.io.checkpoint import Checkpoint
     from portllm_cli.patch.format import read_patch
@@ -284,12 +284,19 @@ def test_data_directory_named_by_task(tmp_path, llama_dir, sst2_file):
     assert doc["settings"]["data"]["sst2"] == str((d / "sst2.jsonl").resolve())
 
 
-def test_builtin_task_with_unreachable_data_says_pass_data(tmp_path, llama_dir):
+def test_builtin_task_with_unreachable_data_says_pass_data(tmp_path, llama_dir, monkeypatch):
     """A task whose dataset is on the Hub fails offline with one clear line naming --data."""
+    import datasets.config
     import lm_eval.tasks
+    from huggingface_hub import constants
 
     from portllm_cli.core import evaluate as core
     from portllm_cli.errors import NotFoundError
+
+    # Offline as HF_HUB_OFFLINE=1 makes a fresh process: datasets and huggingface_hub read it when
+    # first imported, which in this session may have been under another test's settings.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
     (tmp_path / "hubtask.yaml").write_text(
         "task: hubtask\ndataset_path: nyu-mll/glue\ndataset_name: sst2\noutput_type: multiple_choice\n"
@@ -305,6 +312,22 @@ def test_builtin_task_with_unreachable_data_says_pass_data(tmp_path, llama_dir):
         core.run_tasks(HFLM(pretrained=model, tokenizer=tok, batch_size=2), plan, limit=2, num_fewshot=None,
                        log_samples=False)
     assert "hubtask" in err.value.message and "--data hubtask=PATH" in (err.value.hint or "")
+
+
+def test_lm_eval_prints_and_bars_stay_off_stdout(capsys, monkeypatch):
+    """lm-eval prints while it scores (its bootstrap of f1's stderr, for mrpc) and draws a tqdm bar:
+    stdout carries portllm's result alone (one JSON document under --json)."""
+    from lm_eval.api.metrics import bootstrap_stderr, mean
+
+    from portllm_cli.core import evaluate as core
+
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")  # lm-eval's in-process bootstrap: no worker pool
+    with core._quiet_lm_eval():
+        se = bootstrap_stderr(mean, [0, 1, 1, 0, 1], iters=20)
+    out, err = capsys.readouterr()
+    assert se > 0
+    assert out == ""
+    assert "bootstrapping for stddev: mean" in err and "it/s" not in err
 
 
 def test_local_task_yaml_for_multi_context_and_generation(tmp_path):

@@ -9,7 +9,9 @@ the restored weights are checked bitwise against those copies before the next co
 Local data (``--data sst2=reviews.jsonl``) goes through the same recipes as ``portllm finetune``
 (portllm_cli.core.tasks): the rows become a normalized JSONL file and an lm-eval task YAML with
 absolute paths in a temporary directory, loaded by a TaskManager that does not index lm-eval's
-14,000 built-in tasks unless a built-in task was asked for.
+14,000 built-in tasks unless a built-in task was asked for. Local tasks are scored offline
+(HF_HUB_OFFLINE, HF_DATASETS_OFFLINE); a built-in task loads its data with ``datasets`` from the
+Hub (or HF_ENDPOINT) or its cache, as the environment allows, even in a run that mixes the two.
 """
 
 from __future__ import annotations
@@ -415,6 +417,11 @@ class TaskPlan:
     task_manager: Any
     include_dir: Path
 
+    @property
+    def all_local(self) -> bool:
+        """Every task reads local data: nothing in the run needs the Hub."""
+        return all(t in self.local for t in self.names)
+
 
 def _builtin_name(task: str) -> str:
     """A recipe name maps to the lm-eval task it mirrors (sst2 -> sst2, ...); others pass through."""
@@ -551,9 +558,19 @@ def _offline_modules(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _offline(enabled: bool) -> Iterator[None]:
+    """HF_HUB_OFFLINE and HF_DATASETS_OFFLINE, in the environment and in the imported modules."""
+    with _env(_offline_vars(enabled)), _offline_modules(enabled):
+        yield
+
+
+@contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval logs at INFO, draws tqdm bars and shells out to `git describe` in the cwd on every
-    call: keep all of that off the user's terminal (our own progress bar and table say it)."""
+    call: keep all of that off the user's terminal (our own progress bar and table say it).
+
+    It also prints (``bootstrapping for stddev: f1_score`` for mrpc's f1, among others): stdout is
+    for portllm's result (one JSON document under --json), so anything printed goes to stderr."""
     import lm_eval.evaluator as ev
 
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "datasets", "transformers")]
@@ -576,17 +593,19 @@ def _quiet_lm_eval() -> Iterator[None]:
 
     ev.add_env_info = cached_env_info
     # lm-eval passes disable=False to its tqdm bars explicitly, so TQDM_DISABLE cannot reach them.
+    # Its bootstrap (stderr of f1, mcc ...) imports tqdm when it runs: swap the package's too.
     import sys
 
     from tqdm.std import tqdm as _tqdm
 
-    def silent_tqdm(*args: Any, **kwargs: Any) -> Any:
-        kwargs["disable"] = True
-        return _tqdm(*args, **kwargs)
+    class silent_tqdm(_tqdm):  # a class, so that code importing it meanwhile may still subclass it
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
 
     swapped = []
     for name, mod in list(sys.modules.items()):
-        cls = getattr(mod, "tqdm", None) if name.startswith("lm_eval") else None
+        cls = getattr(mod, "tqdm", None) if name.startswith("lm_eval") or name == "tqdm" else None
         if isinstance(cls, type) and issubclass(cls, _tqdm):
             swapped.append((mod, cls))
             mod.tqdm = silent_tqdm
@@ -603,7 +622,8 @@ def _quiet_lm_eval() -> Iterator[None]:
     except ImportError:
         pass
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         ev.get_git_commit_hash = old_hash
         ev.add_env_info = old_env_info
@@ -702,22 +722,31 @@ def run_tasks(
     scores: dict[str, dict[str, Any]] = {}
     sections: dict[str, dict[str, Any]] = {}
     samples: dict[str, list[Any]] = {}
+    half_window = max(1, int(lm.max_length) // 2)
     for t in plan.names:
         lm_name = plan.lm_names[t]
+        local = plan.local.get(t)
         gen_kwargs = None
-        if t in plan.local and plan.local[t].kind == "generate":
+        if local is not None and local.kind == "generate":
             # lm-eval's default of 256 new tokens does not fit small context windows
-            gen_kwargs = {"max_gen_toks": max(1, min(256, int(lm.max_length) // 2))}
+            gen_kwargs = {"max_gen_toks": min(256, half_window)}
+        elif local is None and half_window < 256:
+            # The same cap for a built-in task (lm-eval applies gen_kwargs to generation tasks only):
+            # HFLM refuses to generate as many tokens as the model's window holds.
+            gen_kwargs = {"max_gen_toks": half_window}
         try:
-            res = simple_evaluate(
-                model=lm,
-                tasks=[lm_name],
-                task_manager=plan.task_manager,
-                limit=limit,
-                num_fewshot=num_fewshot,
-                log_samples=log_samples,
-                gen_kwargs=gen_kwargs,
-            )
+            # A local task reads its generated file offline; a built-in task loads its data with
+            # `datasets`, from the Hub (HF_ENDPOINT) or its cache, as the environment allows.
+            with _offline(local is not None):
+                res = simple_evaluate(
+                    model=lm,
+                    tasks=[lm_name],
+                    task_manager=plan.task_manager,
+                    limit=limit,
+                    num_fewshot=num_fewshot,
+                    log_samples=log_samples,
+                    gen_kwargs=gen_kwargs,
+                )
         except (ConnectionError, OSError, TimeoutError) as exc:
             raise _data_error(t, exc) from None
         except Exception as exc:
@@ -786,9 +815,12 @@ def evaluate_loaded(
     """
     tasks, bs = _check_args(list(tasks), limit, num_fewshot, batch_size)
     data = dict(data or {})
-    with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, _env(_offline_vars(bool(data))), \
-            _offline_modules(bool(data)):
+    with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, contextlib.ExitStack() as stack:
         plan = plan_tasks(tasks, data, None, Path(tmp))
+        # Offline throughout when no task needs the Hub, otherwise per task in run_tasks. Not before
+        # plan_tasks: datasets (imported there, through lm-eval) reads the switches at import, and
+        # must see the user's own settings for a built-in task later in the same process.
+        stack.enter_context(_offline(plan.all_local))
         from lm_eval.models.huggingface import HFLM
 
         with _quiet_lm_eval():
@@ -870,14 +902,16 @@ def evaluate(
         loaded_patches.append(_Patch(spec, read_patch(res.path)))
     configs, skipped = plan_configurations(loaded_models, loaded_patches, only)
 
-    local_data = bool(data) or data_dir is not None
-    with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, _env(_offline_vars(local_data)), \
-            _offline_modules(local_data):
+    with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, contextlib.ExitStack() as stack:
         total = len(configs) * len(tasks)
         done = 0
         # lm-eval's built-in task index (only built when a built-in task is named) takes a while
         report("eval · reading tasks", 0, total)
         plan = plan_tasks(tasks, data, data_dir, Path(tmp))
+        # Offline throughout when no task needs the Hub, otherwise per task in run_tasks. Not before
+        # plan_tasks: datasets (imported there, through lm-eval) reads the switches at import, and
+        # must see the user's own settings for a built-in task later in the same process.
+        stack.enter_context(_offline(plan.all_local))
         from lm_eval.models.huggingface import HFLM
 
         rows: list[ConfigResult] = []
