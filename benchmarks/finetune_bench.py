@@ -43,13 +43,13 @@ def make_data(path: Path, rows: int, words: int, seed: int) -> None:
 
 
 def _peak(device: str) -> tuple[int, str]:
-    import resource
-
     import torch
+
+    from portllm_cli.core.train import peak_rss_bytes
 
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
+    return peak_rss_bytes(), "cpu_max_rss"
 
 
 def run_portllm(a: argparse.Namespace) -> dict:

@@ -12,7 +12,7 @@ the continued-pretraining sample and the LoRA initialisation; the data split is 
 Every step is portllm's real code path: core.train.continued_pretraining (finetune --task text
 --full), core.train.finetune (finetune --task sst2), core.port.port_merged (port), core.evaluate
 (eval) and core.diff.diff_paths (diff). Also measured: wall time and peak memory of `portllm port`
-(in-process: peak CUDA memory allocated; as a subprocess: peak resident memory) against
+(in-process: peak CUDA memory allocated; as a subprocess: its own peak resident memory) against
 `portllm finetune` on the evolved model (run as its own process; its own peak figure: CUDA
 max allocated on a GPU, max resident memory on a CPU), and the residual between the old patch and the retrained
 one (`portllm diff PATCH_A PATCH_B`).
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,8 +43,8 @@ sys.path.insert(0, str(REPO))
 SCALES: dict[str, dict[str, Any]] = {
     "reference": dict(train=3000, test=1000, corpus_bytes=3_000_000, cpt_steps=1000, cpt_batch=16, cpt_seq=256,
                       cpt_lr=3e-5, lora_epochs=2, lora_batch=16, lora_max_length=128, lora_lr=3e-4, eval_batch=64),
-    # the demo's CPU sizes (portllm demo), plus the fifth row and the measurements: about an hour
-    # per seed on a 2-core CPU shared with other work
+    # the demo's CPU sizes (portllm demo), plus the fifth row and the measurements: about 5 minutes
+    # per seed on an idle 2-core CPU
     "small": dict(train=480, test=300, corpus_bytes=400_000, cpt_steps=12, cpt_batch=4, cpt_seq=128,
                   cpt_lr=2e-4, lora_epochs=1, lora_batch=8, lora_max_length=64, lora_lr=1e-3, eval_batch=16),
 }
@@ -90,23 +89,42 @@ def cached_json(path: Path, make) -> dict[str, Any]:
     return doc
 
 
+# Runs `portllm ARGS...` in a fresh interpreter and reports, at exit, that process's own peak
+# resident memory (VmHWM). Neither getrusage(RUSAGE_CHILDREN) (the largest child so far) nor
+# os.wait4 would do here: a child forked from this process, which holds models in memory by
+# then, is charged with the fork's copy of it until it execs.
+_MEASURE = (
+    "import atexit, sys\n"
+    "from portllm_cli.core.train import peak_rss_bytes\n"
+    "atexit.register(lambda: sys.stderr.write(f'\\nportllm-peak-rss-bytes {peak_rss_bytes()}\\n'))\n"
+    "sys.argv = ['portllm', *sys.argv[1:]]\n"
+    "from portllm_cli.cli.app import main\n"
+    "main()\n"
+)
+
+
+def run_measured(args: list[str]) -> tuple[subprocess.CompletedProcess, float, int]:
+    """`portllm ARGS` as its own process: (result, wall seconds, its own peak resident memory in bytes)."""
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - t
+    peaks = [int(line.split()[1]) for line in res.stderr.splitlines() if line.startswith("portllm-peak-rss-bytes ")]
+    if res.returncode == 0 and not peaks:
+        raise SystemExit(f"no peak memory reported by: portllm {' '.join(args)}")
+    return res, wall, (peaks[-1] if peaks else 0)
+
+
 def port_subprocess(patch: Path, target: Path, out: Path) -> dict[str, Any]:
-    """`portllm port` as its own process: wall time and peak resident memory (getrusage of children)."""
+    """`portllm port` as its own process: wall time and its own peak resident memory."""
     import shutil
 
     if out.exists():
         shutil.rmtree(out)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "portllm_cli", "port", "--patch", str(patch), "--to", str(target),
-                          "--out", str(out), "--json"], capture_output=True, text=True, cwd=REPO)
-    wall = time.perf_counter() - t
+    res, wall, peak = run_measured(["port", "--patch", str(patch), "--to", str(target), "--out", str(out), "--json"])
     if res.returncode != 0:
         raise SystemExit(f"portllm port failed: {res.stderr.strip()}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     shutil.rmtree(out)
-    return {"wall_s": wall, "peak_rss_bytes": peak_kib * 1024,
-            "peak_rss_note": "max over child processes so far" if peak_kib == before else None}
+    return {"wall_s": wall, "peak_rss_bytes": peak}
 
 
 def run_seed(seed: int, sc: dict[str, Any], mat: Any, work: Path, device: str) -> dict[str, Any]:
@@ -149,18 +167,18 @@ def run_seed(seed: int, sc: dict[str, Any], mat: Any, work: Path, device: str) -
     def finetune_subprocess(model: Path, out: Path) -> dict[str, Any]:
         """`portllm finetune` on the evolved model as its own process, so its peak memory is its own."""
         log(f"seed {seed}: portllm finetune on {model.name} (subprocess), {sc['lora_epochs']} epochs -> {out}")
-        cmd = [sys.executable, "-m", "portllm_cli", "finetune", "--model", str(model), "--task", "sst2",
+        cmd = ["finetune", "--model", str(model), "--task", "sst2",
                "--data", str(mat["train"]), "--out", str(out), "--epochs", str(sc["lora_epochs"]),
                "--batch-size", str(sc["lora_batch"]), "--max-length", str(sc["lora_max_length"]),
                "--lr", str(sc["lora_lr"]), "--seed", str(seed), "--device", device.split(":")[0],
                "--rank", str(LORA["rank"]), "--alpha", str(LORA["alpha"]), "--dropout", str(LORA["dropout"]),
                "--target-modules", ",".join(LORA["target_modules"]), "--overwrite", "--json"]
-        t = time.perf_counter()
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        res, wall, peak = run_measured(cmd)
         if res.returncode != 0:
             raise SystemExit(f"portllm finetune failed: {res.stderr.strip()}")
         doc = json.loads(res.stdout)
-        doc["process_wall_s"] = time.perf_counter() - t
+        doc["process_wall_s"] = wall
+        doc["process_peak_rss_bytes"] = peak
         return doc
 
     ft_evo = cached_json(work / f"{patch_evo.name}.result.json", lambda: finetune_subprocess(evolved, patch_evo))

@@ -339,17 +339,34 @@ def _base_record(res: Any, model: Any, shapes: dict[str, list[int]]) -> dict[str
     }
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program.
+
+    Linux's VmHWM (/proc/self/status) is the high-water mark of the process's own address space.
+    getrusage's ru_maxrss is not, for a child started by fork + exec: the copy of the parent's
+    memory that the fork made counts too, so a small command started by a large Python process
+    reports the parent's size. getrusage is the fallback where /proc is absent (macOS: bytes).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    import sys
+
+    rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def _peak_memory(device: str) -> tuple[int, str]:
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"
-    except (ImportError, OSError):
-        return 0, "unknown"
+    return peak_rss_bytes(), "cpu_max_rss"
 
 
 def _make_accelerator(device: str, dtype: str) -> tuple[Any, str]:
