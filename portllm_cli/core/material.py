@@ -191,7 +191,7 @@ def smollm2_dir(notify: NotifyFn | None = None, progress: ProgressFn | None = No
             hint="pip install 'portllm-cli[demo]'   (or: pip install gguf)",
         ) from None
     notify(Notice(
-        what=f"SmolLM2-135M-Instruct: dequantizing {gguf_path} to float32 safetensors in {out} (once, 20-45 s)",
+        what=f"SmolLM2-135M-Instruct: dequantizing {gguf_path} to float32 safetensors in {out} (once, under a minute)",
         why="the real small model the demo patches and evolves",
         licence=SMOLLM2_LICENCE,
     ))

@@ -214,7 +214,7 @@ def module_shapes(model: Any, targets: list[str] | tuple[str, ...]) -> dict[str,
 def convert_gguf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
     """Dequantize a GGUF model directory once into a safetensors model directory (config + tokenizer).
 
-    Loading GGUF dequantizes every time (20-45 s for SmolLM2-135M); portllm's port, diff and
+    Loading GGUF dequantizes every time (seconds to a minute for SmolLM2-135M); portllm's port, diff and
     checkpoint readers want safetensors anyway.
     """
     from portllm_cli.io.atomic import atomic_output_dir
