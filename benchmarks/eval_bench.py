@@ -42,6 +42,10 @@ POS = ["wonderful", "moving", "funny", "sharp", "beautiful", "gripping", "deligh
 NEG = ["dull", "boring", "clumsy", "tedious", "shallow", "messy", "lifeless", "predictable"]
 
 
+def _notify(n) -> None:
+    print(f"{n.what} ({n.licence})", file=sys.stderr)
+
+
 def make_models(work: Path, size: str) -> tuple[Path, Path, Path]:
     import torch
     import transformers
@@ -51,7 +55,7 @@ def make_models(work: Path, size: str) -> tuple[Path, Path, Path]:
     if size == "smollm2":
         from portllm_cli.core import material
 
-        base = material.smollm2_dir(lambda n: print(f"{n.what} ({n.licence})", file=sys.stderr))
+        base = material.smollm2_dir(_notify)
         evolved = work / "model-b"
         tiny.perturb_model(base, evolved, scale=0.02, seed=1)
         patch = work / "patch"
@@ -80,10 +84,9 @@ def make_models(work: Path, size: str) -> tuple[Path, Path, Path]:
 def make_data(path: Path, rows: int, size: str) -> Path:
     if size == "smollm2":
         from portllm_cli.core import material
+        from portllm_cli.core.demo import head_jsonl
 
-        test = material.polarity_data(lambda n: print(f"{n.what} ({n.licence})", file=sys.stderr)).test
-        lines = [ln for ln in test.read_text(encoding="utf-8").splitlines() if ln.strip()][:rows]
-        path.write_text("\n".join(lines) + "\n")
+        head_jsonl(material.polarity_data(_notify).test, rows, path)
         return path
     rng = random.Random(0)
     lines = []

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from portllm_cli.core import material
-    from portllm_cli.core.demo import _head_jsonl, _quiet_libraries
+    from portllm_cli.core.demo import head_jsonl, _quiet_libraries
     from portllm_cli.core.models import resolve_device
 
     _quiet_libraries()
@@ -346,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     corpus = material.python_docs_corpus(sc["corpus_bytes"], notify)
     train = work / f"train-{sc['train']}.jsonl"
     test = work / f"test-{sc['test']}.jsonl"
-    n_train = _head_jsonl(pol.train, sc["train"], train)
-    n_test = _head_jsonl(pol.test, sc["test"], test)
+    n_train = head_jsonl(pol.train, sc["train"], train)
+    n_test = head_jsonl(pol.test, sc["test"], test)
     mat = {"model": model, "corpus": str(corpus), "train": str(train), "test": str(test), "n_test": n_test}
     runs = [run_seed(s, sc, mat, work, device) for s in args.seeds]
 

@@ -67,10 +67,3 @@ def polarity(n_test: int = 1000):
             return material.polarity_data(_say, n_test=n_test, seed=0)
         except PortllmError as exc:
             pytest.skip(f"the sentence polarity data cannot be had here: {exc.message}")
-
-
-def head_jsonl(src: Path, n: int, dest: Path) -> Path:
-    """The first n rows of a JSONL split (the splits are shuffled and balanced, so a prefix is too)."""
-    lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()][:n]
-    dest.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
-    return dest

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from portllm_cli.cli.app import app
 from portllm_cli.core import tasks as recipes
+from portllm_cli.core.demo import head_jsonl
 from tests import real
 from tests.hub_fixtures import publish_dataset
 
@@ -281,7 +282,8 @@ def test_smollm2_builtin_sst2_equals_local_on_polarity(hub_datasets, tmp_path):
     publish_dataset(hub_datasets.url, "nyu-mll/glue",
                     {"sst2": {"train": rows(polarity.train, 8), "validation": validation}},
                     features={"sst2": FEATURES["sst2"]}, workdir=tmp_path / "published")
-    local = real.head_jsonl(polarity.test, 200, tmp_path / "sst2.jsonl")
+    local = tmp_path / "sst2.jsonl"
+    head_jsonl(polarity.test, 200, local)
     common = ["-m", str(model), "-t", "sst2", "--json", "--batch-size", "16"]
     b = _invoke(*common, "--log-samples", str(tmp_path / "builtin"))
     assert b.exit_code == 0, b.stderr

@@ -194,7 +194,7 @@ def fetch_material(sizes: DemoSizes, notify: NotifyFn, progress: ProgressFn) -> 
     return Material(model, data.train, data.test, corpus)
 
 
-def _head_jsonl(src: Path, n: int, dst: Path) -> int:
+def head_jsonl(src: Path, n: int, dst: Path) -> int:
     """The first n rows of a JSONL file (the splits are pre-shuffled and balanced, so a prefix is too)."""
     lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()][:n]
     tmp = dst.with_name(dst.name + ".part")
@@ -270,8 +270,8 @@ def run_demo(
     data_dir.mkdir(exist_ok=True)
     train_file = data_dir / f"train-{_key(str(mat.train), sz.train_size)}.jsonl"
     test_file = data_dir / f"test-{_key(str(mat.test), sz.test_size)}.jsonl"
-    n_train = _head_jsonl(mat.train, sz.train_size, train_file)
-    n_test = _head_jsonl(mat.test, sz.test_size, test_file)
+    n_train = head_jsonl(mat.train, sz.train_size, train_file)
+    n_test = head_jsonl(mat.test, sz.test_size, test_file)
     notes: list[str] = []
     if n_train < sz.train_size or n_test < sz.test_size:
         notes.append(f"the data has {n_train} training and {n_test} test sentences; asked for "
