@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--shard-mb", type=int, default=500)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    import psutil  # noqa: F401  (fail early: the figures need it for the cross-check)
+    import psutil  # fail early: the figures need it for the cross-check
 
     print(f"generating (or reusing) two {args.size_gb} GB bf16 models under {args.workdir} ...", flush=True)
     t0 = time.perf_counter()
@@ -191,8 +191,6 @@ def main() -> None:
         cmd = [sys.executable, "-m", "portllm_cli", "diff", str(a_dir), str(b_dir), "--json"]
         rss, poll, wall, rc = measure(cmd, Path(tmp) / "diff.json")
         doc = json.loads((Path(tmp) / "diff.json").read_text()) if rc == 0 else {}
-
-    import psutil
 
     print()
     print(f"machine          : {platform.machine()} {platform.system()} {platform.release()}, "

@@ -273,7 +273,7 @@ def _gib(b: float | None) -> str:
 def markdown(doc: dict[str, Any]) -> str:
     runs = doc["runs"]
     seeds = [r["seed"] for r in runs]
-    head = "| model | " + " | ".join(f"seed {s}" for s in seeds) + (" | mean ± sd |" if len(runs) > 1 else "")
+    head = "| model | " + " | ".join(f"seed {s}" for s in seeds) + (" | mean ± sd |" if len(runs) > 1 else " |")
     sep = "|---|" + "---|" * len(seeds) + ("---|" if len(runs) > 1 else "")
     lines = [
         f"# PortLLM table: SmolLM2-135M-Instruct, sentence polarity ({doc['scale']} scale)", "",

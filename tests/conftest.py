@@ -51,3 +51,17 @@ def llama_lora_dir(tmp_path_factory, llama_dir) -> Path:
     d = tmp_path_factory.mktemp("llama-lora")
     tiny.make_lora(llama_dir, d, seed=3)
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: where torch sees none (CI), they are skipped with the reason printed (-ra)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in gpu_items:
+        item.add_marker(skip)

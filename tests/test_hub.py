@@ -136,7 +136,7 @@ def test_model_card_front_matter_and_body(hub, patch_dir):
     assert meta == {"library_name": "peft", "base_model": BASE_ID, "tags": ["portllm", "lora", "peft"]}
     manifest = json.loads((patch_dir / "portllm.json").read_text())
     cfg = json.loads((patch_dir / "adapter_config.json").read_text())
-    assert f"| Task | sst2 |" in card
+    assert "| Task | sst2 |" in card
     assert f"| Rank (r) | {cfg['r']} |" in card
     assert f"| Target modules | {', '.join(sorted(cfg['target_modules']))} |" in card
     assert "| sst2 / patched | 0.87 |" in card and "| sst2 / base | 0.51 |" in card

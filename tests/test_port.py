@@ -50,8 +50,6 @@ def _pattern(patterns: dict, module: str, default):
 
 def expected_merge(target_dir: Path, lora_dir: Path, extra: float = 1.0) -> dict:
     """{weight key: merged tensor} from the adapter files, computed with the one-rounding formula."""
-    import torch
-
     cfg = json.loads((lora_dir / "adapter_config.json").read_text())
     factors = _load(lora_dir / "adapter_model.safetensors")
     weights = _model_tensors(target_dir)
