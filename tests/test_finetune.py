@@ -15,18 +15,9 @@ from typer.testing import CliRunner
 from portllm_cli.cli.app import app
 from portllm_cli.core import tasks, train
 from portllm_cli.errors import Interrupted
-from tests import real
+from tests import real, tiny
 
-SENTENCES = [
-    ("the movie was wonderful and the acting was great", 1),
-    ("a dull boring film with a terrible plot", 0),
-    ("an absolute delight", 1),
-    ("a waste of time", 0),
-    ("great fun and wonderful acting", 1),
-    ("terrible and boring", 0),
-    ("the plot was great", 1),
-    ("a dull film", 0),
-]
+SENTENCES = tiny.SENTENCES
 FAST = dict(max_length=32, device="cpu", batch_size=4)
 
 

@@ -15,19 +15,11 @@ from pathlib import Path
 import pytest
 
 from portllm_cli.core import train
+from tests import tiny
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]
-SENTENCES = [
-    ("the movie was wonderful and the acting was great", 1),
-    ("a dull boring film with a terrible plot", 0),
-    ("an absolute delight", 1),
-    ("a waste of time", 0),
-    ("great fun and wonderful acting", 1),
-    ("terrible and boring", 0),
-    ("the plot was great", 1),
-    ("a dull film", 0),
-]
+SENTENCES = tiny.SENTENCES
 # dropout 0: the only randomness is the LoRA initialisation and the data order, both drawn on the CPU
 TRAIN = dict(lr=1e-2, dropout=0.0, max_steps=8, max_length=32, batch_size=4, seed=3)
 

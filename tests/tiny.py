@@ -157,3 +157,16 @@ def make_lora(
     doc["base_model_name_or_path"] = str(model_dir)
     cfg_path.write_text(json.dumps(doc, indent=2))
     return peft_model
+
+
+# labelled sentences for tiny sst2 training runs (1 = positive)
+SENTENCES = [
+    ("the movie was wonderful and the acting was great", 1),
+    ("a dull boring film with a terrible plot", 0),
+    ("an absolute delight", 1),
+    ("a waste of time", 0),
+    ("great fun and wonderful acting", 1),
+    ("terrible and boring", 0),
+    ("the plot was great", 1),
+    ("a dull film", 0),
+]
