@@ -35,13 +35,12 @@ Copy them to benchmarks/results/ and the README by hand.
 `--smoke` runs the same steps at CPU sizes (demo's CPU sizes, 4 bench steps, paper_table
 --scale small): how the kit itself is checked on a machine without a GPU.
 
-Standard library only: it runs before the wheels are installed.
+The standard library and portllm's own light modules only: it runs before the wheels are installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import lzma
 import os
@@ -57,6 +56,9 @@ REPO = Path(__file__).resolve().parent.parent
 KIT_DIR = REPO / ".gpukit"
 STAGE = Path(os.environ.get("PORTLLM_KIT_STAGE", "/tmp/portllm-kit"))
 MIB = 1 << 20
+sys.path.insert(0, str(REPO))
+
+from portllm_cli.patch.format import sha256_file as sha256  # noqa: E402  (stdlib-only imports)
 
 # What the GPU machine's image lacks or holds at other versions (read off its package list, see
 # the device tool's KINDS.md): carried at the versions installed here. torch, numpy, pandas,
@@ -82,23 +84,11 @@ def log(msg: str, fh=None) -> None:
         fh.flush()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 * MIB):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tree_size(paths: list[str]) -> int:
-    return sum((REPO / p).stat().st_size for p in paths if (REPO / p).is_file())
-
-
 def travelling_repo_bytes() -> int:
     """What a device call sends besides the carried paths: tracked and untracked, not ignored, files."""
     res = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                          capture_output=True, text=True, check=True)
-    return tree_size([p for p in res.stdout.split("\0") if p])
+    return sum((REPO / p).stat().st_size for p in res.stdout.split("\0") if p and (REPO / p).is_file())
 
 
 # -- prepare (here) --------------------------------------------------------------------------------
@@ -122,7 +112,6 @@ def fetch_wheels(dest: Path, python_version: str) -> list[str]:
 
 def material_files() -> tuple[Path, list[Path]]:
     """(PORTLLM_HOME, the cached files the GPU steps read), made or fetched here first if missing."""
-    sys.path.insert(0, str(REPO))
     from portllm_cli.core import material
 
     def notify(n) -> None:
@@ -201,15 +190,16 @@ def prepare(args: argparse.Namespace) -> int:
 
 # -- device (there) --------------------------------------------------------------------------------
 class Runner:
-    def __init__(self, out: Path, deadline_s: float) -> None:
-        self.out = out
+    """Runs the steps of one device call against the staging directory ``stage``, within a deadline."""
+
+    def __init__(self, out: Path, deadline_s: float, stage: Path = STAGE) -> None:
+        self.stage = stage
         self.t0 = time.monotonic()
         self.deadline = deadline_s
         self.log = open(out / "kit.log", "a", encoding="utf-8")
-        site = STAGE / "site"
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO)]), PYTHONUNBUFFERED="1",
-                        PORTLLM_HOME=str(STAGE / "home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                        TOKENIZERS_PARALLELISM="false")
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stage / "site"), str(REPO)]),
+                        PYTHONUNBUFFERED="1", PORTLLM_HOME=str(stage / "home"), HF_HUB_OFFLINE="1",
+                        HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
     def left(self) -> float:
         return self.deadline - (time.monotonic() - self.t0)
@@ -239,8 +229,9 @@ class Runner:
         return rc, wall
 
 
-def stage_part(part: int, r: Runner, kit: Path = KIT_DIR, stage: Path = STAGE) -> dict:
-    """Check part ``part``'s chunks against kit.json, keep them under ``stage``, install its wheels."""
+def stage_part(part: int, r: Runner, kit: Path = KIT_DIR) -> dict:
+    """Check part ``part``'s chunks against kit.json, keep them under r.stage, install its wheels."""
+    stage = r.stage
     src = kit / f"part{part}"
     if not (src / "kit.json").is_file():
         raise SystemExit(f"Error: {src}/kit.json not found: carry .gpukit/part{part} (made by 'gpu_kit.py prepare')")
@@ -265,8 +256,9 @@ def stage_part(part: int, r: Runner, kit: Path = KIT_DIR, stage: Path = STAGE) -
     return manifest
 
 
-def unpack_material(manifest: dict, r: Runner, stage: Path = STAGE) -> bool:
-    """Once every part is staged: reassemble, check the sha256 and unpack into stage/home."""
+def unpack_material(manifest: dict, r: Runner) -> bool:
+    """Once every part is staged: reassemble, check the sha256 and unpack into r.stage/home."""
+    stage = r.stage
     chunks = stage / "chunks"
     have = [c for c in manifest["chunks"] if (chunks / c["file"]).is_file()]
     if len(have) < len(manifest["chunks"]):
@@ -305,10 +297,10 @@ def device(args: argparse.Namespace) -> int:
     rc, _ = r.run("environment", [py, "-c", env_code], stdout_to=out / "env.json", limit=120)
     if rc != 0:
         raise SystemExit("Error: the staged packages do not import (see kit.log)")
-    if not (STAGE / "gpu-tests.done").exists():  # once per machine: in the call that installed the wheels
+    if not (r.stage / "gpu-tests.done").exists():  # once per machine: in the call that installed the wheels
         r.run("gpu tests", [py, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"],
               stdout_to=out / "gpu-tests.txt", limit=240)
-        (STAGE / "gpu-tests.done").touch()
+        (r.stage / "gpu-tests.done").touch()
     if not unpack_material(manifest, r):
         return 0
     steps_ok = True
@@ -340,7 +332,7 @@ def device(args: argparse.Namespace) -> int:
         seeds.append(seed)
         rc, wall = r.run(f"paper_table seeds {' '.join(seeds)}",
                          [py, "benchmarks/paper_table.py", *scale, "--seeds", *seeds,
-                          "--workdir", str(STAGE / "paper-table"), "--out-dir", str(out)])
+                          "--workdir", str(r.stage / "paper-table"), "--out-dir", str(out)])
         if rc != 0:
             steps_ok = False
             break

@@ -32,7 +32,7 @@ def material(tmp_path):
 def _runner(tmp_path):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    return gpu_kit.Runner(out, 60)
+    return gpu_kit.Runner(out, 60, stage=tmp_path / "stage")
 
 
 def test_kit_packs_splits_and_reassembles(tmp_path, material):
@@ -46,8 +46,8 @@ def test_kit_packs_splits_and_reassembles(tmp_path, material):
     (stage / "site").mkdir(parents=True)  # what part 1's wheels would have made
     r = _runner(tmp_path)
     for i in range(1, man["parts"] + 1):
-        got = gpu_kit.stage_part(i, r, kit=kit, stage=stage)
-        done = gpu_kit.unpack_material(got, r, stage=stage)
+        got = gpu_kit.stage_part(i, r, kit=kit)
+        done = gpu_kit.unpack_material(got, r)
         assert done == (i == man["parts"])  # only the last part completes the material
     unpacked = stage / "home"
     for p, b in files.items():
@@ -66,17 +66,17 @@ def test_kit_refuses_a_damaged_chunk(tmp_path, material):
     data[100] ^= 0xFF
     chunk.write_bytes(bytes(data))
     with pytest.raises(SystemExit, match="sha256 mismatch"):
-        gpu_kit.stage_part(2, _runner(tmp_path), kit=kit, stage=stage)
+        gpu_kit.stage_part(2, _runner(tmp_path), kit=kit)
 
 
 def test_kit_says_when_part1_was_not_staged(tmp_path, material):
     home, files = material
-    kit, stage = tmp_path / "kit", tmp_path / "stage"
+    kit = tmp_path / "kit"
     gpu_kit.pack_material(list(files), home, kit, first_bytes=4000, cap_bytes=6000)
     with pytest.raises(SystemExit, match="start again from part 1"):
-        gpu_kit.stage_part(2, _runner(tmp_path), kit=kit, stage=stage)
+        gpu_kit.stage_part(2, _runner(tmp_path), kit=kit)
     with pytest.raises(SystemExit, match="kit.json not found"):
-        gpu_kit.stage_part(9, _runner(tmp_path), kit=kit, stage=stage)
+        gpu_kit.stage_part(9, _runner(tmp_path), kit=kit)
 
 
 def _run(seed: int, ported: float) -> dict:

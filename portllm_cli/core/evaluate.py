@@ -564,6 +564,16 @@ def _offline(enabled: bool) -> Iterator[None]:
         yield
 
 
+def _plan_offline(stack: contextlib.ExitStack, tasks: list[str], data: dict[str, Path],
+                  data_dir: Path | None, tmp: Path) -> TaskPlan:
+    """plan_tasks, then offline for the rest of ``stack`` when no task needs the Hub (otherwise per
+    task, in run_tasks). Not before plan_tasks: datasets (imported there, through lm-eval) reads the
+    switches at import, and must see the user's own settings for a built-in task later on."""
+    plan = plan_tasks(tasks, data, data_dir, tmp)
+    stack.enter_context(_offline(plan.all_local))
+    return plan
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval logs at INFO, draws tqdm bars and shells out to `git describe` in the cwd on every
@@ -598,11 +608,9 @@ def _quiet_lm_eval() -> Iterator[None]:
 
     from tqdm.std import tqdm as _tqdm
 
-    class silent_tqdm(_tqdm):  # a class, so that code importing it meanwhile may still subclass it
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
+    from portllm_cli.core.progress import silenced_tqdm
 
+    silent_tqdm = silenced_tqdm(_tqdm)
     swapped = []
     for name, mod in list(sys.modules.items()):
         cls = getattr(mod, "tqdm", None) if name.startswith("lm_eval") or name == "tqdm" else None
@@ -816,11 +824,7 @@ def evaluate_loaded(
     tasks, bs = _check_args(list(tasks), limit, num_fewshot, batch_size)
     data = dict(data or {})
     with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, contextlib.ExitStack() as stack:
-        plan = plan_tasks(tasks, data, None, Path(tmp))
-        # Offline throughout when no task needs the Hub, otherwise per task in run_tasks. Not before
-        # plan_tasks: datasets (imported there, through lm-eval) reads the switches at import, and
-        # must see the user's own settings for a built-in task later in the same process.
-        stack.enter_context(_offline(plan.all_local))
+        plan = _plan_offline(stack, tasks, data, None, Path(tmp))
         from lm_eval.models.huggingface import HFLM
 
         with _quiet_lm_eval():
@@ -907,11 +911,7 @@ def evaluate(
         done = 0
         # lm-eval's built-in task index (only built when a built-in task is named) takes a while
         report("eval · reading tasks", 0, total)
-        plan = plan_tasks(tasks, data, data_dir, Path(tmp))
-        # Offline throughout when no task needs the Hub, otherwise per task in run_tasks. Not before
-        # plan_tasks: datasets (imported there, through lm-eval) reads the switches at import, and
-        # must see the user's own settings for a built-in task later in the same process.
-        stack.enter_context(_offline(plan.all_local))
+        plan = _plan_offline(stack, tasks, data, data_dir, Path(tmp))
         from lm_eval.models.huggingface import HFLM
 
         rows: list[ConfigResult] = []

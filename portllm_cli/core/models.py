@@ -165,13 +165,10 @@ def _quiet_gguf_bar() -> Iterator[None]:
     except ImportError:
         yield
         return
+    from portllm_cli.core.progress import silenced_tqdm
+
     bar = gguf_utils.tqdm
-
-    def silent(*args: Any, **kwargs: Any) -> Any:
-        kwargs["disable"] = True
-        return bar(*args, **kwargs)
-
-    gguf_utils.tqdm = silent
+    gguf_utils.tqdm = silenced_tqdm(bar)
     try:
         yield
     finally:
