@@ -21,6 +21,7 @@ Examples:
   portllm diff ./llama-3-8b ./llama-3.1-8b --plot drift.png
   portllm diff ./sst2.patch ./sst2-v2.patch --json         # residual, angles
   portllm diff ./sst2.patch ./llama-3.1-8b                 # fits? exit 3 if not
+  portllm diff ./sst2.patch ./llama-3.1-8b --base ./llama-3-8b --json   # the patch against the drift
 
 Exit codes: 0 compared (differences are findings), 1 unreadable input,
 3 patch and model incompatible, 4 corrupt or truncated weights.
@@ -33,6 +34,15 @@ PlotOpt = Annotated[
     typer.Option("--plot", help="Write a per-layer bar chart to this PNG file (needs matplotlib).", metavar="FILE.png"),
 ]
 TopOpt = Annotated[int, typer.Option("--top", help="Rows in the table, largest difference first.", min=1)]
+BaseOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--base",
+        help="With a patch and a model: the model the patch was trained on (default: the base its manifest "
+        "records). The model's drift from it is set against the patch, module by module.",
+        metavar="OLD_MODEL",
+    ),
+]
 
 
 def _pct(x: float | None) -> str:
@@ -121,7 +131,45 @@ def _tables(report: "DiffReport", top: int) -> list[Any]:
         for why, n in extra[:top]:
             e.add_row(why, n)
         out.append(e)
+    port = getattr(r, "port", None)
+    if port is not None and port.modules:
+        out.extend(_port_tables(port, top))
     return out
+
+
+def _num3(x: float | None, fmt: str = "{:.3f}") -> str:
+    if x is None:
+        return "n/a"
+    return "inf" if not math.isfinite(x) else fmt.format(x)
+
+
+def _port_tables(port: Any, top: int) -> list[Any]:
+    """The patch against the drift of its weights: per module (smallest patch/drift first), per kind."""
+    from rich.table import Table
+
+    cols = ("drift", "patch/D", "cos", "col ovl", "row ovl", "top-r E")
+
+    def cells(d: dict[str, Any]) -> list[str]:
+        return [_pct(d["drift"]), _num3(d["patch_over_drift"], "{:.3g}"), _num3(d["cosine"]),
+                _num3(d["column_overlap"]), _num3(d["row_overlap"]), _num3(d["drift_top_r_energy"])]
+
+    t = Table(title=f"the patch sBA against the drift D = W_model - W_base: {len(port.modules)} modules, "
+                    "smallest ||sBA||/||D|| (patch/D) first")
+    t.add_column("module", overflow="fold")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for m in port.largest(top):
+        t.add_row(m.module, *cells(m.as_dict()))
+    g = Table(title="the patch against the drift, by module kind and overall; cos = cosine(sBA, D); "
+                    "col/row ovl = overlap of B's/A's subspace with D's top-r (1 = same, chance ≈ r/dim); "
+                    "top-r E = share of ||D||² in its top r")
+    g.add_column("group")
+    g.add_column("modules", justify="right")
+    for c in cols:
+        g.add_column(c, justify="right")
+    for grp in port.kinds + [port.overall]:
+        g.add_row(grp["name"], str(grp["n_modules"]), *cells(grp))
+    return [t, g]
 
 
 def diff(
@@ -133,6 +181,7 @@ def diff(
     allow_pickle: AllowPickleOpt = False,
     no_verify: NoVerifyOpt = False,
     quiet: QuietOpt = False,
+    base: BaseOpt = None,
 ) -> None:
     """Compare two models, two patches, or a patch and a model, from their weights alone.
 
@@ -140,7 +189,7 @@ def diff(
 
     [bold]Patch vs patch[/bold]: residual ||ΔB - ΔA|| / ||ΔA||, cosine, norm ratio and principal angles of the column and row spaces, computed from the low-rank factors.
 
-    [bold]Patch vs model[/bold]: does the patch fit, and how far the targeted weights moved from the patch's recorded base (when that base is on this machine).
+    [bold]Patch vs model[/bold]: does the patch fit, and how far the targeted weights moved from the patch's recorded base (when that base is on this machine, or given with --base). Then, per patched module, the patch against that drift D: ||sBA|| / ||D||, the cosine of sBA and D, and the overlap of the patch's column and row spaces with D's top-r singular subspaces (randomized SVD, streamed). These are figures, not a forecast.
     """
     from portllm_cli.cli._output import Output
     from portllm_cli.core.diff import diff_paths, plot_layers
@@ -158,7 +207,8 @@ def diff(
 
             raise UnsupportedError("--plot needs matplotlib", hint="pip install 'portllm-cli[plot]'")
     with out.progress() as progress:
-        report = diff_paths(a, b, top=top, progress=progress, allow_pickle=allow_pickle, verify=not no_verify)
+        report = diff_paths(a, b, top=top, progress=progress, allow_pickle=allow_pickle, verify=not no_verify,
+                            base=base)
     for w in report.warnings:
         out.warn(w)
     for t in _tables(report, top):

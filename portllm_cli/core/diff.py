@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from portllm_cli.core.compat import CompatReport, check_compatibility, weight_key_for
 from portllm_cli.core.progress import ProgressFn
-from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError
+from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError, UsageError
 from portllm_cli.io.checkpoint import Checkpoint, architecture_fingerprint
 from portllm_cli.io.safetensors import DTYPES, TensorInfo, read_tensor
 from portllm_cli.patch.format import Patch, is_patch_dir, read_patch
@@ -703,6 +703,264 @@ def diff_patches(
     )
 
 
+# -- the patch against the drift of its weights ---------------------------------------------------
+# The top-r singular subspaces of D = W_new - W_old come from randomized subspace iteration
+# (Halko, Martinsson & Tropp 2011, Algorithms 4.3/4.4 and 5.1), streamed: each pass reads D once,
+# a block of rows at a time, and applies D and D^T together (Y_rows = D_rows Z, Z' += D_rows^T Y_rows),
+# so a pass costs one read of both tensors and memory holds one block plus the out x k and in x k
+# sketches (k = r + OVERSAMPLE). POWER_ITERATIONS passes of D^T D, then one pass for Y = D Z and a
+# small SVD of Y. When k reaches the smaller side of D, the sketch holds all of D and the result is
+# the exact SVD.
+POWER_ITERATIONS = 2
+OVERSAMPLE = 10
+SKETCH_SEED = 0  # the Gaussian start is fixed: the same inputs give the same figures
+
+
+@dataclass
+class ModuleDrift:
+    """One patched module against the drift D = W_new - W_old of its weight (float64 sums)."""
+
+    module: str
+    key: str  # the weight's key in the new model
+    rank: int  # the patch's rank r for this module (the size of D's top subspace compared)
+    shape: tuple[int, ...]
+    aa: float  # ||W_old||^2
+    dd: float  # ||D||^2
+    pp: float  # ||s B A||^2
+    pd: float  # <s B A, D>
+    column_overlap_sum: float | None  # ||Q_B^T U_r||_F^2: the patch's column space vs D's top-r left space
+    row_overlap_sum: float | None  # ||Q_A^T V_r||_F^2: the patch's row space vs D's top-r right space
+    overlap_dims: tuple[int, int]  # the denominators: min(rank of B, r), min(rank of A, r)
+    top_energy: float  # sum of the top-r singular values of D, squared
+    singular_values: list[float]  # the top-r singular values of D
+    exact: bool  # the sketch held all of D (exact SVD)
+
+    @property
+    def layer(self) -> int | None:
+        return layer_index(self.module)
+
+    @property
+    def kind(self) -> str:
+        return module_kind(self.module)
+
+    @property
+    def drift(self) -> float:
+        return _ratio(self.dd, self.aa)
+
+    @property
+    def patch_over_drift(self) -> float:
+        return _ratio(self.pp, self.dd)
+
+    @property
+    def cosine(self) -> float | None:
+        return _cosine(self.pd, self.pp, self.dd) if self.pp > 0 and self.dd > 0 else None
+
+    @property
+    def column_overlap(self) -> float | None:
+        d = self.overlap_dims[0]
+        return self.column_overlap_sum / d if self.column_overlap_sum is not None and d else None
+
+    @property
+    def row_overlap(self) -> float | None:
+        d = self.overlap_dims[1]
+        return self.row_overlap_sum / d if self.row_overlap_sum is not None and d else None
+
+    @property
+    def top_energy_share(self) -> float | None:
+        return self.top_energy / self.dd if self.dd > 0 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "key": self.key,
+            "layer": self.layer,
+            "kind": self.kind,
+            "rank": self.rank,
+            "shape": list(self.shape),
+            "drift": _num(self.drift),
+            "patch_over_drift": _num(self.patch_over_drift),
+            "cosine": _num(self.cosine),
+            "column_overlap": _num(self.column_overlap),
+            "row_overlap": _num(self.row_overlap),
+            "drift_top_r_energy": _num(self.top_energy_share),
+            "drift_norm": math.sqrt(max(self.dd, 0.0)),
+            "patch_norm": math.sqrt(max(self.pp, 0.0)),
+            "base_norm": math.sqrt(max(self.aa, 0.0)),
+            "drift_singular_values": [float(s) for s in self.singular_values],
+            "exact_svd": self.exact,
+        }
+
+
+def _pool_drift(rows: list[ModuleDrift], name: str) -> dict[str, Any]:
+    """Figures pooled over modules from their sums (never a mean of ratios): drift and
+    patch/drift from summed squared norms, cosine from summed inner products, overlaps as summed
+    squared projections over summed dimensions."""
+    aa = sum(m.aa for m in rows)
+    dd = sum(m.dd for m in rows)
+    pp = sum(m.pp for m in rows)
+    pd = sum(m.pd for m in rows)
+    col = [m for m in rows if m.column_overlap_sum is not None]
+    row = [m for m in rows if m.row_overlap_sum is not None]
+    col_dims = sum(m.overlap_dims[0] for m in col)
+    row_dims = sum(m.overlap_dims[1] for m in row)
+    return {
+        "name": name,
+        "n_modules": len(rows),
+        "drift": _num(_ratio(dd, aa)),
+        "patch_over_drift": _num(_ratio(pp, dd)),
+        "cosine": _num(_cosine(pd, pp, dd)) if pp > 0 and dd > 0 else None,
+        "column_overlap": _num(sum(m.column_overlap_sum for m in col) / col_dims) if col_dims else None,
+        "row_overlap": _num(sum(m.row_overlap_sum for m in row) / row_dims) if row_dims else None,
+        "drift_top_r_energy": _num(sum(m.top_energy for m in rows) / dd) if dd > 0 else None,
+        "drift_norm": math.sqrt(max(dd, 0.0)),
+        "patch_norm": math.sqrt(max(pp, 0.0)),
+    }
+
+
+@dataclass
+class DriftReport:
+    """Every patched module against the drift of its weight, pooled per layer, per kind, overall."""
+
+    modules: list[ModuleDrift]
+    method: dict[str, Any]
+
+    @property
+    def overall(self) -> dict[str, Any]:
+        return _pool_drift(self.modules, "overall")
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        by: dict[int, list[ModuleDrift]] = {}
+        for m in self.modules:
+            if m.layer is not None:
+                by.setdefault(m.layer, []).append(m)
+        return [dict(_pool_drift(by[k], str(k)), layer=k) for k in sorted(by)]
+
+    @property
+    def kinds(self) -> list[dict[str, Any]]:
+        by: dict[str, list[ModuleDrift]] = {}
+        for m in self.modules:
+            by.setdefault(m.kind, []).append(m)
+        return [_pool_drift(by[k], k) for k in KINDS if k in by]
+
+    def largest(self, n: int | None = None) -> list[ModuleDrift]:
+        """Modules where the drift is largest next to the patch (smallest patch/drift) first."""
+        rows = sorted(self.modules, key=lambda m: (m.patch_over_drift if math.isfinite(m.patch_over_drift)
+                                                   else 1e300, m.module))
+        return rows if n is None else rows[:n]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": dict(self.method),
+            "overall": self.overall,
+            "layers": self.layers,
+            "kinds": self.kinds,
+            "modules": [m.as_dict() for m in sorted(self.modules, key=lambda m: m.module)],
+        }
+
+
+def _drift_blocks(ckpt_a: Checkpoint, name_a: str, ckpt_b: Checkpoint, name_b: str, cols: int
+                  ) -> Iterator[tuple[int, "torch.Tensor", "torch.Tensor"]]:
+    """(first row, W_A rows, D rows) in float64, a block of rows at a time, in row order."""
+    import torch
+
+    start = 0
+    for ca, cb in _chunk_pairs(ckpt_a, name_a, ckpt_b, name_b):
+        a = ca.to(torch.float64).reshape(-1, cols)
+        d = cb.to(torch.float64).reshape(-1, cols) - a
+        yield start, a, d
+        start += a.shape[0]
+
+
+def module_drift(
+    base: Checkpoint,
+    base_key: str,
+    ckpt: Checkpoint,
+    key: str,
+    module: "LoraModule",
+    *,
+    power_iterations: int | None = None,
+    oversample: int | None = None,
+) -> tuple[TensorDiff, ModuleDrift]:
+    """The drift of one patched weight (base -> model) against the patch, streamed (see above).
+
+    Returns the plain tensor figures (what diff_models computes) and the patch-against-drift ones.
+    """
+    import torch
+
+    q = POWER_ITERATIONS if power_iterations is None else power_iterations
+    p = OVERSAMPLE if oversample is None else oversample
+    if q < 1 or p < 0:
+        raise ValueError("power_iterations must be >= 1 and oversample >= 0")
+    shape = tuple(ckpt.shape(key))
+    rows, cols = int(shape[0]), int(math.prod(shape[1:])) if len(shape) > 1 else 1
+    Bs, A = _weight_factors(module)  # (out x r) with the scale, (r x in): the delta in W's layout
+    r = module.rank
+    k = min(r + p, rows, cols)
+    identity = cols <= k  # Z = I: the sketch D Z is D itself
+    # k = the smaller side: the sketch spans all of D's row (or column) space, so the SVD is exact
+    exact = k >= min(rows, cols)
+    aa = bb = ab = dd = pd = 0.0
+
+    def sums(a: "torch.Tensor", d: "torch.Tensor", start: int) -> None:
+        nonlocal aa, bb, ab, dd, pd
+        b = a + d
+        aa += float(torch.dot(a.reshape(-1), a.reshape(-1)))
+        bb += float(torch.dot(b.reshape(-1), b.reshape(-1)))
+        ab += float(torch.dot(a.reshape(-1), b.reshape(-1)))
+        dd += float(torch.dot(d.reshape(-1), d.reshape(-1)))
+        pd += float(((d @ A.T) * Bs[start:start + d.shape[0]]).sum())  # <D, sBA> without forming sBA
+
+    Y = torch.zeros((rows, cols if identity else k), dtype=torch.float64)
+    if identity:
+        for start, a, d in _drift_blocks(base, base_key, ckpt, key, cols):
+            sums(a, d, start)
+            Y[start:start + d.shape[0]] = d
+        Z = None
+    else:
+        gen = torch.Generator().manual_seed(SKETCH_SEED)
+        Z = torch.randn((cols, k), generator=gen, dtype=torch.float64)
+        for it in range(q):
+            acc = torch.zeros((cols, k), dtype=torch.float64)
+            for start, a, d in _drift_blocks(base, base_key, ckpt, key, cols):
+                if it == 0:
+                    sums(a, d, start)
+                acc += d.T @ (d @ Z)
+            Z = torch.linalg.qr(acc).Q  # orthonormal between passes: D^T D squares the spread
+        for start, _, d in _drift_blocks(base, base_key, ckpt, key, cols):
+            Y[start:start + d.shape[0]] = d @ Z
+    U, S, Wt = torch.linalg.svd(Y, full_matrices=False)
+    r_eff = min(r, S.numel())
+    U_r = U[:, :r_eff]
+    V_r = (Wt.T if Z is None else Z @ Wt.T)[:, :r_eff]
+    S_r = S[:r_eff]
+    col_sum = row_sum = None
+    dims = (0, 0)
+    if dd > 0:
+        qb, qa = _basis(Bs), _basis(A.T)
+        col_sum = float(((qb.T @ U_r) ** 2).sum())
+        row_sum = float(((qa.T @ V_r) ** 2).sum())
+        dims = (min(qb.shape[1], r_eff), min(qa.shape[1], r_eff))
+    tdiff = TensorDiff(key, shape, base.dtype(base_key), ckpt.dtype(key), aa, bb, ab, dd)
+    return tdiff, ModuleDrift(
+        module=module.name, key=key, rank=r, shape=shape, aa=aa, dd=dd, pp=lowrank_norm(Bs, A) ** 2, pd=pd,
+        column_overlap_sum=col_sum, row_overlap_sum=row_sum, overlap_dims=dims,
+        top_energy=float((S_r**2).sum()) if dd > 0 else 0.0,
+        singular_values=[float(s) for s in S_r] if dd > 0 else [], exact=exact,
+    )
+
+
+def drift_method() -> dict[str, Any]:
+    return {
+        "svd": "randomized subspace iteration (Halko, Martinsson & Tropp 2011), streamed in row blocks",
+        "power_iterations": POWER_ITERATIONS,
+        "oversample": OVERSAMPLE,
+        "seed": SKETCH_SEED,
+        "top_r": "the patch's rank of each module",
+        "overlap": "mean squared cosine of the principal angles: ||Q_patch^T U_r||_F^2 / min(rank, r)",
+    }
+
+
 # -- patch vs model ------------------------------------------------------------------------------
 @dataclass
 class PatchModelDiff:
@@ -715,6 +973,7 @@ class PatchModelDiff:
     drift: ModelDiff | None  # recorded base (A) vs model (B) on the targeted weights
     patch_norms: dict[str, float]  # weight key in the model -> ||D||_F of the patch
     patch_first: bool = True  # the order the user gave: patch A, model B (or the reverse)
+    port: DriftReport | None = None  # the patch against the drift of each targeted weight (base found)
 
     @property
     def verdict(self) -> str:
@@ -729,6 +988,11 @@ class PatchModelDiff:
         text = f"compatible: all {_n(n, 'targeted module')} fit"
         if self.drift is not None and self.drift.tensors:
             text += f"; targeted weights drifted {self.drift.overall.drift * 100:.2f}% from the patch's base"
+            if self.port is not None and self.port.modules:
+                ov = self.port.overall
+                figs = [("patch/drift", ov["patch_over_drift"], "{:.3g}"), ("cosine", ov["cosine"], "{:.3f}"),
+                        ("column overlap", ov["column_overlap"], "{:.3f}"), ("row overlap", ov["row_overlap"], "{:.3f}")]
+                text += "; " + ", ".join(f"{n} {f.format(v) if v is not None else 'n/a'}" for n, v, f in figs)
         elif self.base_note:
             text += f"; {self.base_note}"
         return text
@@ -757,6 +1021,7 @@ class PatchModelDiff:
             "targeted": dict(self.compat.key_map),
             "base": {"spec": self.base_spec, "path": self.base_path, "note": self.base_note},
             "base_drift": drift,
+            "port_figures": self.port.as_dict() if self.port is not None else None,
         }
 
 
@@ -803,6 +1068,7 @@ def diff_patch_model(
     elif not find_base_model:
         note = "base lookup skipped"
     drift = None
+    port = None
     norms: dict[str, float] = {}
     for module, key in compat.key_map.items():
         m = patch.modules[module]
@@ -816,7 +1082,8 @@ def diff_patch_model(
                 missing.append(key)
             else:
                 pairs.append((bkey, key))
-        drift = diff_models(base, ckpt, names=pairs, a=base_path, b=model_label or str(ckpt.root), progress=progress)
+        drift, port = _drift_against_patch(patch, compat.key_map, base, ckpt, pairs, a=base_path,
+                                           b=model_label or str(ckpt.root), progress=progress)
         drift.only_in_b = sorted(missing)  # targeted weights the base does not have
         if drift.shape_mismatches:
             note = f"{len(drift.shape_mismatches)} targeted weights have another shape in the base"
@@ -832,7 +1099,42 @@ def diff_patch_model(
         drift,
         norms,
         patch_first,
+        port,
     )
+
+
+def _drift_against_patch(
+    patch: Patch,
+    key_map: dict[str, str],
+    base: Checkpoint,
+    ckpt: Checkpoint,
+    pairs: list[tuple[str, str]],
+    *,
+    a: str,
+    b: str,
+    progress: ProgressFn | None = None,
+) -> tuple[ModelDiff, DriftReport]:
+    """The targeted weights, base (A) vs model (B): the plain drift figures and, from the same
+    reads, each patched module against the drift of its weight (module_drift)."""
+    module_of = {key: module for module, key in key_map.items()}
+    same, mismatches = [], []
+    for na, nb in pairs:
+        sa, sb = tuple(base.shape(na)), tuple(ckpt.shape(nb))
+        if sa == sb:
+            same.append((na, nb))
+        else:
+            mismatches.append(ShapeMismatch(nb, sa, sb))
+    total = sum(_tensor_bytes(base, na) for na, _ in same) or None
+    done = 0
+    tensors, rows = [], []
+    for na, nb in same:
+        t, m = module_drift(base, na, ckpt, nb, patch.modules[module_of[nb]])
+        tensors.append(t)
+        rows.append(m)
+        done += _tensor_bytes(base, na)
+        if progress is not None:
+            progress("diff", done if total else len(tensors), total or len(same))
+    return ModelDiff(a, b, tensors, [], [], mismatches), DriftReport(rows, drift_method())
 
 
 # -- dispatch ------------------------------------------------------------------------------------
@@ -933,10 +1235,24 @@ def diff_paths(
     progress: ProgressFn | None = None,
     allow_pickle: bool = False,
     verify: bool = True,
+    base: str | None = None,
 ) -> DiffReport:
-    """Compare two models, two patches, or a patch and a model, detected from their files."""
+    """Compare two models, two patches, or a patch and a model, detected from their files.
+
+    ``base`` (a patch and a model only): the model the patch was trained on, instead of the one its
+    manifest records; the model's drift from it is then set against the patch (module_drift).
+    """
     kind_a, obj_a, disp_a = open_input(a, allow_pickle=allow_pickle, verify=verify)
     kind_b, obj_b, disp_b = open_input(b, allow_pickle=allow_pickle, verify=verify)
+    base_ckpt: Checkpoint | None = None
+    if base is not None:
+        if {kind_a, kind_b} != {"patch", "model"}:
+            raise UsageError(f"--base applies to a patch and a model; got {kind_a} {a} and {kind_b} {b}",
+                             hint="portllm diff PATCH NEW_MODEL --base OLD_MODEL")
+        kind_base, base_obj, disp_base = open_input(base, allow_pickle=allow_pickle, verify=verify)
+        if kind_base != "model":
+            raise UsageError(f"--base {base}: is a patch; --base is the model the patch was trained on")
+        base_ckpt = base_obj  # type: ignore[assignment]
     warnings = [w for o in (obj_a, obj_b) if isinstance(o, Patch) for w in o.warnings]
     result: ModelDiff | PatchDiff | PatchModelDiff
     if kind_a == "model" and kind_b == "model":
@@ -945,11 +1261,12 @@ def diff_paths(
         result = diff_patches(obj_a, obj_b, a=disp_a, b=disp_b, progress=progress)
     elif kind_a == "patch":
         result = diff_patch_model(
-            obj_a, obj_b, allow_pickle=allow_pickle, patch_label=disp_a, model_label=disp_b, progress=progress
+            obj_a, obj_b, base=base_ckpt, allow_pickle=allow_pickle, patch_label=disp_a, model_label=disp_b,
+            progress=progress,
         )
     else:
         result = diff_patch_model(
-            obj_b, obj_a, allow_pickle=allow_pickle, patch_label=disp_b, model_label=disp_a,
+            obj_b, obj_a, base=base_ckpt, allow_pickle=allow_pickle, patch_label=disp_b, model_label=disp_a,
             patch_first=False, progress=progress,
         )
     return DiffReport(f"{kind_a}-{kind_b}", disp_a, disp_b, result, top, warnings)
@@ -976,16 +1293,45 @@ def plot_layers(report: DiffReport, out: Path) -> Path:
     ylabel = "residual ||ΔB − ΔA|| / ||ΔA|| (%)" if report.kind == "patch-patch" else "drift ||W_B − W_A|| / ||W_A|| (%)"
     xs = [i for i, _ in layers]
     ys = [v * 100 if math.isfinite(v) else float("nan") for _, v in layers]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(xs) + 2), 4))
+    port = report.result.port if isinstance(report.result, PatchModelDiff) else None
+    port_layers = port.layers if port is not None else []
+    width = max(6.0, 0.35 * len(xs) + 2)
+    if port_layers:
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(width, 7), sharex=True)
+    else:
+        fig, ax = plt.subplots(figsize=(width, 4))
     try:
         ax.bar(xs, ys, color="#3b75af")
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer")
+        if not port_layers:
+            ax.set_xlabel("layer")
         ax.set_ylabel(ylabel)
         ax.set_title(f"portllm diff: {report.verdict_text}"[:110], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+        if port_layers:
+            # the patch against the drift, per layer: figures on one 0..1 scale (patch/drift capped at 1
+            # would hide it, so it gets its own axis on the right)
+            lx = [g["layer"] for g in port_layers]
+
+            def series(name: str) -> list[float]:
+                return [g[name] if g[name] is not None else float("nan") for g in port_layers]
+
+            cos = series("cosine")
+            ax2.plot(lx, cos, "o-", label="cosine(sBA, D)", color="#c44e52")
+            ax2.plot(lx, series("column_overlap"), "s-", label="column overlap (B vs D's top-r)", color="#55a868")
+            ax2.plot(lx, series("row_overlap"), "^-", label="row overlap (A vs D's top-r)", color="#8172b2")
+            ax2.set_ylim(min([0.0] + [c for c in cos if math.isfinite(c)]) - 0.05, 1.05)
+            ax2.set_ylabel("cosine / overlap")
+            ax2.set_xlabel("layer")
+            ax2.grid(axis="y", alpha=0.3)
+            ax3 = ax2.twinx()
+            ax3.plot(lx, series("patch_over_drift"), "d--", label="||sBA|| / ||D|| (right axis)", color="#dd8452")
+            ax3.set_ylabel("patch / drift")
+            lines = ax2.get_lines() + ax3.get_lines()
+            ax2.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="upper right")
+            ax2.set_title("the patch against the drift of its weights", fontsize=9)
         fig.tight_layout()
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
