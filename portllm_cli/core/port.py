@@ -80,9 +80,10 @@ class PortResult:
     scale: float
     verified: bool = False
     warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None  # core.calibrate's record, when the scale was calibrated
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "out": str(self.out),
             "mode": self.mode,
             "patch": self.patch,
@@ -94,6 +95,9 @@ class PortResult:
             "verified": self.verified,
             "warnings": list(self.warnings),
         }
+        if self.calibration is not None:
+            doc["calibration"] = self.calibration
+        return doc
 
 
 # -- the merge itself ------------------------------------------------------------------------
@@ -515,6 +519,7 @@ def port_merged(
     progress: ProgressFn | None = None,
     patch_source: Resolved | None = None,
     verify_patch: bool = True,
+    calibration: dict[str, Any] | None = None,
 ) -> PortResult:
     """Write TARGET with PATCH merged into OUT; see the module docstring for how.
 
@@ -596,6 +601,8 @@ def port_merged(
             "shards": shard_names,
             "converted_from_pickle": ckpt.is_pickle,
         }
+        if calibration is not None:
+            record["calibration"] = calibration  # how `scale` was chosen (portllm port --calibrate)
         (tmp / PORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         written += (tmp / PORT_RECORD).stat().st_size
         if verify and not ckpt.is_pickle:
@@ -616,6 +623,7 @@ def port_merged(
         scale=scale,
         verified=verify,
         warnings=plan.warnings,
+        calibration=calibration,
     )
 
 
@@ -631,6 +639,7 @@ def port_adapter(
     allow_pickle: bool = False,
     progress: ProgressFn | None = None,
     patch_source: Resolved | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> PortResult:
     """Write PATCH retargeted to TARGET: same factors (B times --scale), new base and target record."""
     import torch
@@ -675,6 +684,9 @@ def port_adapter(
         )
     manifest["target"] = target_rec
     manifest["ports"] = list(old.get("ports") or []) + [port_entry]
+    manifest.pop("calibration", None)  # an earlier port's: this one's scale is its own
+    if calibration is not None:
+        manifest["calibration"] = calibration  # how `scale` (folded into B) was chosen
     with atomic_output_dir(out, overwrite=overwrite, inputs=(target.path, patch.path)) as tmp:
         write_patch_files(tmp, tensors, config, manifest)
         progress("adapter", 2, 3)
@@ -702,4 +714,5 @@ def port_adapter(
         scale=scale,
         verified=verify,
         warnings=warnings,
+        calibration=calibration,
     )
