@@ -344,13 +344,15 @@ def summarize(scale: float, examples: list[Any], requests: list[_Request], lls: 
 # -- the patch in memory, at any scale ---------------------------------------------------------
 class ScaledPatch:
     """The targeted weights of a loaded model set to W + scale * s * B @ A for any scale, always
-    from the originals kept aside (one copy per storage, so tied weights get every delta); the
-    merge is `portllm port`'s own (core.port.merge_weight: float32 accumulation, one rounding)."""
+    from the originals kept aside (one copy per storage: tied weights get every delta, rounded
+    once); the merge is core.merge's, the one `port` writes and `eval` patches with."""
 
     def __init__(self, model: Any, patch: "Patch", key_map: dict[str, str]) -> None:
         from portllm_cli.core.evaluate import _param_for
+        from portllm_cli.core.merge import Workspace
 
         params = dict(model.named_parameters())
+        self._ws = Workspace()
         self._groups: dict[int, tuple[str, Any, "torch.Tensor", list[Any]]] = {}
         for module, key in sorted(key_map.items()):
             p = _param_for(model, params, module, key)
@@ -368,15 +370,13 @@ class ScaledPatch:
     def set(self, scale: float) -> None:
         import torch
 
-        from portllm_cli.core.port import merge_weight
+        from portllm_cli.core.merge import LoraEdit, merge_in_place
 
         with torch.no_grad():
             for _, p, orig, modules in self._groups.values():
-                w = orig
+                p.copy_(orig)
                 if scale != 0:
-                    for m in modules:
-                        w = merge_weight(w, m, scale)
-                p.copy_(w)
+                    merge_in_place(p.data, [LoraEdit(m, scale) for m in modules], self._ws)
 
     def restore(self) -> None:
         import torch
