@@ -21,8 +21,23 @@ one (`portllm diff PATCH_A PATCH_B`).
     python benchmarks/paper_table.py --scale small --seeds 0       # a CPU-sized version of the same protocol
     python benchmarks/paper_table.py --scale medium --seeds 0      # reference data sizes, short CPT: ~1 h a seed on a CPU
 
-Writes benchmarks/results/paper_table-<scale>-<device>.{md,json}; stages are cached under
---workdir (default ~/.cache/portllm/paper-table), so an interrupted run resumes.
+Your own material: ``--task-data FILE`` (JSONL with ``text`` and ``label``, 0/1 or negative/positive:
+shuffled with seed 0, then test rows first, the rest for training) and ``--corpus FILE`` (plain text
+for the continued pretraining) replace the polarity data and the Python docs; ``--model DIR`` the
+base model.
+
+``--experiment drift`` (benchmarks/drift_table.py) runs the drift experiment instead: several
+evolutions of increasing drift, plain port vs calibrated port (`port --calibrate`) vs a retrained
+LoRA, and which `portllm diff` figure predicts how much of the patch survives:
+
+    python benchmarks/paper_table.py --experiment drift --seeds 0 1 2            # ~1 h on an idle 2-core CPU
+    python benchmarks/paper_table.py --experiment drift --scale smoke --seeds 0  # the wiring, in minutes
+
+``--other-corpus FILE`` replaces Jane Austen's novels (the third evolution's text).
+
+Writes benchmarks/results/paper_table-<scale>-<device>.{md,json} (paper_table-drift-<scale>-<device>
+for the drift experiment); stages are cached under --workdir (default ~/.cache/portllm/paper-table),
+so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -282,7 +297,8 @@ def markdown(doc: dict[str, Any]) -> str:
     head = "| model | " + " | ".join(f"seed {s}" for s in seeds) + (" | mean ± sd |" if len(runs) > 1 else " |")
     sep = "|---|" + "---|" * len(seeds) + ("---|" if len(runs) > 1 else "")
     lines = [
-        f"# PortLLM table: SmolLM2-135M-Instruct, sentence polarity ({doc['scale']} scale)", "",
+        f"# PortLLM table: {doc.get('model_name', 'SmolLM2-135M-Instruct')}, {doc.get('task_name', 'sentence polarity')} "
+        f"({doc['scale']} scale)", "",
         f"Device: **{doc['device']}**. Command: `{doc['command']}`. Date: {doc['date']}. Wall time: {doc['wall_s'] / 60:.1f} min.", "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in doc["settings"].items()) + ".", "",
         head, sep,
@@ -322,38 +338,85 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _existing_file(value: str) -> Path:
+    p = Path(value).expanduser()
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{value}: no such file")
+    return p.resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import drift_table
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scale", choices=sorted(SCALES), default="reference")
+    ap.add_argument("--experiment", choices=("table", "drift"), default="table",
+                    help="table: the PortLLM table (default); drift: the drift experiment (drift_table.py)")
+    ap.add_argument("--scale", default=None,
+                    help=f"table: {', '.join(sorted(SCALES))} (default reference); "
+                         f"drift: {', '.join(drift_table.SCALES)} (default cpu)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--task-data", type=_existing_file, default=None, metavar="FILE",
+                    help="your task: JSONL with 'text' and 'label' (0/1 or negative/positive), scored with the "
+                         "sst2 prompt; default the Pang & Lee polarity sentences")
+    ap.add_argument("--corpus", type=_existing_file, default=None, metavar="FILE",
+                    help="plain text for the continued pretraining (default: the Python 3.11 docs)")
+    ap.add_argument("--other-corpus", type=_existing_file, default=None, metavar="FILE",
+                    help="drift: the text of the third evolution (default: Jane Austen's novels)")
+    ap.add_argument("--model", type=Path, default=None, metavar="DIR",
+                    help="the base model directory (default: SmolLM2-135M-Instruct from the demo material)")
+    ap.add_argument("--calibrate-grid", default=None, metavar="GRID",
+                    help="drift: the scales `port --calibrate` tries (default its own grid)")
+    ap.add_argument("--keep-models", action="store_true", help="drift: keep each run's evolved model on disk")
     args = ap.parse_args(argv)
+    scales = SCALES if args.experiment == "table" else drift_table.SCALES
+    args.scale = args.scale or ("reference" if args.experiment == "table" else "cpu")
+    if args.scale not in scales:
+        ap.error(f"--scale {args.scale!r}: choose from {', '.join(scales)} for --experiment {args.experiment}")
+    if args.experiment == "table" and (args.other_corpus or args.calibrate_grid or args.keep_models):
+        ap.error("--other-corpus, --calibrate-grid and --keep-models are for --experiment drift")
 
     from portllm_cli.core import material
-    from portllm_cli.core.demo import head_jsonl, _quiet_libraries
+    from portllm_cli.core.demo import _quiet_libraries, head_jsonl
     from portllm_cli.core.models import resolve_device
 
     _quiet_libraries()
     t0 = time.perf_counter()
     device = resolve_device(args.device)
-    sc = SCALES[args.scale]
+    sc = scales[args.scale]
     if args.scale == "reference" and not device.startswith("cuda"):
         log("warning: the reference scale on a CPU takes days; use --scale small or medium here")
-    work = args.workdir or material.home() / "paper-table" / args.scale
+    work = args.workdir or material.home() / "paper-table" / (args.scale if args.experiment == "table"
+                                                              else f"drift-{args.scale}")
     work.mkdir(parents=True, exist_ok=True)
 
     def notify(n: Any) -> None:
         log(f"{n.what}" + (f" — licence: {n.licence}" if n.licence else ""))
 
-    model = material.smollm2_dir(notify)
-    pol = material.polarity_data(notify, n_test=1000, seed=0)
-    corpus = material.python_docs_corpus(sc["corpus_bytes"], notify)
-    train = work / f"train-{sc['train']}.jsonl"
-    test = work / f"test-{sc['test']}.jsonl"
-    n_train = head_jsonl(pol.train, sc["train"], train)
-    n_test = head_jsonl(pol.test, sc["test"], test)
+    model = args.model.resolve() if args.model else material.smollm2_dir(notify)
+    model_name = model.name if args.model else "SmolLM2-135M-Instruct"
+    task_name = f"{args.task_data.name} (sst2 prompt)" if args.task_data else "sentence polarity"
+    corpus = args.corpus or material.python_docs_corpus(sc["corpus_bytes"], notify)
+    corpus_name = args.corpus.name if args.corpus else "the Python 3.11 docs"
+    if args.experiment == "drift":
+        return _main_drift(args, sc, device, work, model, model_name, task_name, corpus, corpus_name, notify, t0, argv)
+    if args.task_data:
+        rows = list(dict.fromkeys(drift_table.read_text_label_jsonl(args.task_data)))
+        import random
+
+        random.Random(0).shuffle(rows)
+        tr, _, te = drift_table.split_three(rows[sc["test"]:], rows[: sc["test"]], sc["train"], 0, sc["test"])
+        train = drift_table._write_rows(work / f"train-{sc['train']}-{args.task_data.stem}.jsonl", tr)
+        test = drift_table._write_rows(work / f"test-{sc['test']}-{args.task_data.stem}.jsonl", te)
+        n_train, n_test = len(tr), len(te)
+    else:
+        pol = material.polarity_data(notify, n_test=1000, seed=0)
+        train = work / f"train-{sc['train']}.jsonl"
+        test = work / f"test-{sc['test']}.jsonl"
+        n_train = head_jsonl(pol.train, sc["train"], train)
+        n_test = head_jsonl(pol.test, sc["test"], test)
     mat = {"model": model, "corpus": str(corpus), "train": str(train), "test": str(test), "n_test": n_test}
     runs = [run_seed(s, sc, mat, work, device) for s in args.seeds]
 
@@ -366,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": time.perf_counter() - t0,
         "settings": {**sc, "train": n_train, "test": n_test, **{k: (",".join(v) if isinstance(v, tuple) else v) for k, v in LORA.items()}},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
-        "runs": runs,
+        "runs": runs, "model_name": model_name, "task_name": task_name, "corpus": corpus_name,
         "notes": ([] if args.scale == "reference" else
                   [f"'{args.scale}' scale: a shrunken protocol for a CPU, NOT the reference scale; the numbers are "
                    "not comparable with the reference table."]),
@@ -375,6 +438,56 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"paper_table-{args.scale}-{'cuda' if device.startswith('cuda') else 'cpu'}"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     md = markdown(doc)
+    (args.out_dir / f"{stem}.md").write_text(md)
+    print(md)
+    log(f"wrote {args.out_dir / stem}.md and .json")
+    return 0
+
+
+def _main_drift(args: Any, sc: dict[str, Any], device: str, work: Path, model: Path, model_name: str,
+                task_name: str, corpus: Path, corpus_name: str, notify: Any, t0: float, argv: list[str] | None) -> int:
+    import drift_table
+
+    from portllm_cli.core.calibrate import parse_grid
+    from portllm_cli.errors import PortllmError
+
+    try:
+        grid = parse_grid(args.calibrate_grid)
+    except PortllmError as exc:
+        raise SystemExit(f"--calibrate-grid: {exc}") from None
+    if args.other_corpus:
+        other, other_name = args.other_corpus, args.other_corpus.name
+    else:
+        from austen import austen_corpus
+
+        other, other_name = austen_corpus(sc["corpus_bytes"], notify), "Jane Austen's novels"
+    data = drift_table.task_splits(work, sc, args.task_data, notify)
+    mat = {**data, "corpora": {"corpus": str(corpus), "other": str(other)}}
+    result = drift_table.run_experiment(scale=args.scale, seeds=args.seeds, device=device, work=work, model=model,
+                                        mat=mat, grid=grid, keep_models=args.keep_models)
+    cmd = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    import torch
+    import transformers
+
+    doc = {
+        "experiment": "drift", "scale": args.scale, "device": device_name(device), "command": cmd.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": time.perf_counter() - t0,
+        "model_name": model_name, "task_name": task_name, "seeds": args.seeds, "grid": grid,
+        "corpora": {"corpus": f"{corpus_name} ({sc['corpus_bytes']:,} bytes)" if not args.corpus else corpus_name,
+                    "other": f"{other_name} ({sc['corpus_bytes']:,} bytes)" if not args.other_corpus else other_name},
+        "data": {k: data[k] for k in ("n", "task_data")},
+        "settings": {**sc, **{f"lora_{k}": (",".join(v) if isinstance(v, tuple) else v)
+                              for k, v in drift_table.LORA.items()}},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        **result,
+        "notes": ([f"'{args.scale}' scale: a smoke test of the wiring, not a measurement"] if args.scale == "smoke"
+                  else []),
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"paper_table-drift-{args.scale}-{'cuda' if device.startswith('cuda') else 'cpu'}"
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    md = drift_table.markdown(doc)
     (args.out_dir / f"{stem}.md").write_text(md)
     print(md)
     log(f"wrote {args.out_dir / stem}.md and .json")

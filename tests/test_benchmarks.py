@@ -107,3 +107,184 @@ def test_paper_table_markdown_rows_are_whole(seeds):
     ported = next(line for line in tables if line.startswith("| evolved + the base's patch, ported"))
     assert "0.800" in ported and ("0.810 ± 0.010" in ported if len(seeds) == 3 else "±" not in ported)
     assert "∞ (no GPU memory used)" in md and "16.4×" in md
+
+
+# -- the drift experiment (paper_table.py --experiment drift, drift_table.py, austen.py) -----------
+import drift_table  # noqa: E402
+import austen  # noqa: E402
+
+
+def test_spearman_and_fit_against_scipy_and_numpy():
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    x = [0.3, 0.1, 0.4, 0.4, 0.9, 0.2, 0.6]
+    y = [0.8, 0.95, 0.7, 0.75, 0.2, 1.0, 0.5]
+    got = drift_table.spearman(x, y)
+    want = spearmanr(x, y)
+    assert got["rho"] == pytest.approx(want.statistic, abs=1e-12) and got["p"] == pytest.approx(want.pvalue)
+    fit = drift_table.linear_fit(x, y)
+    slope, intercept = np.polyfit(x, y, 1)
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+    resid = np.array(y) - (intercept + slope * np.array(x))
+    assert fit["residual_sd"] == pytest.approx(float(np.sqrt((resid**2).sum() / (len(x) - 2))))
+    assert drift_table.spearman([1, 2], [3, 4])["rho"] is None  # too few points
+    assert drift_table.spearman([1, 1, 1], [1, 2, 3])["rho"] is None  # constant
+
+
+def test_splits_are_disjoint_by_text():
+    pool = [(f"t{i}", i % 2) for i in range(30)] + [("t3", 1), ("t4", 0)]  # repeats of training texts
+    test = [(f"t{i}", i % 2) for i in range(25, 40)]
+    tr, cal, te = drift_table.split_three(pool, test, 5, 6, 10)
+    texts = [{t for t, _ in s} for s in (tr, cal, te)]
+    assert len(tr) == 5 and len(cal) == 6 and len(te) == 10
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    with pytest.raises(SystemExit, match="not enough"):
+        drift_table.split_three(pool, test, 5, 40, 10)
+
+
+def _xdr_int(v: int) -> bytes:
+    import struct
+
+    return struct.pack(">i", v)
+
+
+def _xdr_str(s: str | None) -> bytes:
+    if s is None:
+        return _xdr_int(9) + _xdr_int(-1)
+    b = s.encode()
+    return _xdr_int(9 | (1 << 15)) + _xdr_int(len(b)) + b  # CHARSXP, UTF-8 flag in the levels
+
+
+def _xdr_strvec(items: list) -> bytes:
+    return _xdr_int(16) + _xdr_int(len(items)) + b"".join(_xdr_str(s) for s in items)
+
+
+def test_r_lazyload_reader_on_hand_made_bytes(tmp_path):
+    """A lazy-load database written byte by byte from R's format description: an index (a named
+    list: variables -> named list of (offset, length) integer pairs) and two character vectors."""
+    import gzip
+    import zlib
+
+    header = b"X\n" + _xdr_int(3) + _xdr_int(0x040201) + _xdr_int(0x030500) + _xdr_int(5) + b"UTF-8"
+    books = {"emma": ["EMMA", "", None, "Emma Woodhouse, handsome"], "persuasion": ["PERSUASION", "Sir Walter"]}
+    blob, index = b"", {}
+    for name, lines in books.items():
+        body = zlib.compress(header + _xdr_strvec(lines))
+        chunk = _xdr_int(len(header + _xdr_strvec(lines))) + body
+        index[name] = (len(blob), len(chunk))
+        blob += chunk
+    names_sym = _xdr_int(1) + _xdr_str("names")  # SYMSXP "names", then a reference to it (REFSXP 1)
+
+    def named_list(values: list[bytes], names: list[str], first: bool) -> bytes:
+        attr = _xdr_int(2 | (1 << 10)) + (names_sym if first else _xdr_int(255 | (1 << 8))) + _xdr_strvec(names) \
+            + _xdr_int(254)
+        return _xdr_int(19 | (1 << 9)) + _xdr_int(len(values)) + b"".join(values) + attr
+
+    ints = [_xdr_int(13) + _xdr_int(2) + _xdr_int(o) + _xdr_int(n) for o, n in index.values()]
+    variables = named_list(ints, list(index), first=True)
+    root = named_list([variables, _xdr_int(19) + _xdr_int(0), _xdr_int(10) + _xdr_int(1) + _xdr_int(1)],
+                      ["variables", "references", "compressed"], first=False)
+    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(header + root))
+    (tmp_path / "Rdata.rdb").write_bytes(blob)
+    got = austen.read_lazyload(tmp_path / "Rdata.rdx", tmp_path / "Rdata.rdb")
+    assert got == books
+    with pytest.raises(austen.RDataError, match="type 3 is not supported"):
+        austen.unserialize(header + _xdr_int(3))  # a closure
+
+
+@pytest.mark.integration
+def test_austen_corpus_from_the_debian_package():
+    path = austen.austen_corpus(4_100_000)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("SENSE AND SENSIBILITY") and "It is a truth universally acknowledged" in text
+    assert all(t in text for t in ("PRIDE AND PREJUDICE", "MANSFIELD PARK", "EMMA", "NORTHANGER ABBEY", "PERSUASION"))
+    assert 3_900_000 < len(text.encode()) <= 4_100_000
+
+
+@pytest.fixture
+def drift_material(tmp_path, llama_dir):
+    import random
+
+    r = random.Random(0)
+    pos, neg = ["great", "wonderful", "lovely"], ["dull", "boring", "awful"]
+    rows = [{"text": f"the film was {r.choice(pos if i % 2 else neg)} number {i}", "label": i % 2} for i in range(60)]
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    corpus, other = tmp_path / "docs.txt", tmp_path / "fiction.txt"
+    corpus.write_text("def f(x): return x + 1\nThe module provides functions.\n" * 200)
+    other.write_text("It is a truth universally acknowledged, that a single man.\n" * 200)
+    return {"task": task, "corpus": corpus, "other": other, "model": llama_dir}
+
+
+@pytest.mark.slow
+def test_drift_experiment_smoke_and_resume(drift_material, tmp_path, monkeypatch):
+    """The whole drift pipeline on a tiny model (2 evolutions, 1 seed), then again from the cache."""
+    small = dict(drift_table.SCALES["smoke"], train=12, calibration=12, test=12,
+                 evolutions=drift_table.SCALES["smoke"]["evolutions"][::2])  # docs and fiction
+    monkeypatch.setitem(drift_table.SCALES, "smoke", small)
+    m = drift_material
+    argv = ["--experiment", "drift", "--scale", "smoke", "--seeds", "0", "--model", str(m["model"]),
+            "--task-data", str(m["task"]), "--corpus", str(m["corpus"]), "--other-corpus", str(m["other"]),
+            "--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), "--device", "cpu",
+            "--calibrate-grid", "0.5,1,2"]
+    assert paper_table.main(argv) == 0
+    doc = json.loads((tmp_path / "out" / "paper_table-drift-smoke-cpu.json").read_text())
+    md = (tmp_path / "out" / "paper_table-drift-smoke-cpu.md").read_text()
+    assert [r["evolution"]["name"] for r in doc["runs"]] == ["docs", "fiction"]
+    for r in doc["runs"]:
+        assert set(r["accuracy"]) == {k for k, _ in drift_table.ACC_ROWS}
+        assert r["calibration"]["grid"] == [0.5, 1.0, 2.0] and r["calibration"]["scale"] in (0.5, 1.0, 2.0)
+        assert r["calibration"]["data"]["rows_used"] == 12
+        assert set(r["figures"]) == {k for k, _ in drift_table.FIGURES}
+        assert r["figures"]["drift"] > 0 and r["port_figures"]["method"]["power_iterations"] >= 1
+    assert set(doc["analysis"]["predictors"]) == {k for k, _ in drift_table.FIGURES}
+    assert "calibrated port" in md and "Spearman" in md and doc["device"].startswith("CPU")
+    for line in (ln for ln in md.splitlines() if ln.startswith("|")):
+        assert line.endswith("|"), line
+    # the three data sets are disjoint by text
+    data = tmp_path / "work" / "data"
+    sets = [{json.loads(x)["sentence"] for x in f.read_text().splitlines()}
+            for f in sorted(data.glob("*.jsonl"))]
+    assert len(sets) == 3 and all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    assert not list((tmp_path / "work").glob("evolved-*/"))  # finished runs' models are deleted
+
+    # resume: every stage comes from the cache; nothing is trained, calibrated or evaluated again
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    import portllm_cli.core.calibrate as cal_mod
+    import portllm_cli.core.train as train_mod
+
+    monkeypatch.setattr(train_mod, "finetune", boom)
+    monkeypatch.setattr(cal_mod, "calibrate_loaded", boom)
+    monkeypatch.setattr(drift_table, "_evaluate", boom)
+    before = json.dumps(doc["runs"], sort_keys=True)
+    assert paper_table.main(argv) == 0
+    again = json.loads((tmp_path / "out" / "paper_table-drift-smoke-cpu.json").read_text())
+    assert json.dumps(again["runs"], sort_keys=True) == before
+
+
+def test_drift_markdown_with_numbers():
+    """The report's tables on made-up runs: shares, means, the predictor table."""
+    def run(name, seed, plain, cal, drift):
+        acc = {"base": 0.6, "base+patch": 0.85, "evolved": 0.55, "plain": plain, "calibrated": cal, "retrained": 0.85}
+        return {"evolution": {"name": name}, "seed": seed, "accuracy": acc,
+                "share_plain": drift_table.share(plain, 0.55, 0.85), "share_calibrated": drift_table.share(cal, 0.55, 0.85),
+                "calibration": {"scale": 1.25, "metric": "choice"},
+                "figures": {"model_drift": drift / 3, "drift": drift, "patch_over_drift": 1 / drift, "cosine": -0.01,
+                            "column_overlap": 0.1, "row_overlap": 0.2, "drift_top_r_energy": 0.3}}
+
+    runs = [run("a", 0, 0.82, 0.84, 0.01), run("a", 1, 0.80, 0.83, 0.012), run("b", 0, 0.70, 0.80, 0.05),
+            run("b", 1, 0.72, 0.81, 0.04)]
+    doc = {"model_name": "m", "task_name": "t", "device": "CPU", "command": "c", "date": "d", "wall_s": 60,
+           "settings": {"cpt_batch": 4, "cpt_seq": 128, "evolutions": [{"name": "a", "corpus": "corpus", "steps": 1,
+                                                                        "lr": 1e-4}]},
+           "corpora": {"corpus": "docs"}, "data": {"n": {"train": 1, "calibration": 2, "test": 3}}, "seeds": [0, 1],
+           "grid": [1.0], "runs": runs, "analysis": drift_table.analyse(runs, ["a", "b"])}
+    md = drift_table.markdown(doc)
+    assert "| share of the retrained gain kept: plain port | 87% ± 5 | 53% ± 5 |" in md
+    pred = doc["analysis"]["predictors"]["drift"]["plain"]
+    assert pred["n"] == 4 and pred["rho"] == pytest.approx(-1.0)
+    assert doc["analysis"]["goal"]["calibrated_share_mean_over_evolutions"] == pytest.approx(
+        ((0.29 / 0.3 + 0.28 / 0.3) / 2 + (0.25 / 0.3 + 0.26 / 0.3) / 2) / 2)
