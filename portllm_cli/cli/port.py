@@ -212,13 +212,11 @@ def _check_calibrate_flags(scale, calibrate, grid, limit, metric, device) -> lis
 
 
 def _calibration_summary(cal: dict) -> str:
+    key = "loglik" if cal["metric"] == "loglik" else "choice_loglik"
     pick = next((s for s in cal["scores"] if s["scale"] == cal["scale"]), None)
     one = next((s for s in cal["scores"] if s["scale"] == 1.0), None)
-    metric = "loglik" if cal["metric"] == "loglik" else "choice_loglik"
-    parts = [f"calibrated on {cal['data']['rows_used']} {cal['task']} examples: scale {cal['scale']:g}"]
-    if pick is not None:
-        parts.append(f"{cal['metric']} {pick[metric]:.4f}")
+    figs = [f"{key} {pick[key]:.4f}"] if pick is not None else []
     if one is not None and cal["scale"] != 1.0:
-        parts.append(f"(at 1: {one[metric]:.4f})")
-    parts.append(f"(patch off: {cal['reference'][metric]:.4f})")
-    return " ".join(parts)
+        figs.append(f"at scale 1: {one[key]:.4f}")
+    figs.append(f"patch off: {cal['reference'][key]:.4f}")
+    return f"calibrated on {cal['data']['rows_used']} {cal['task']} examples: scale {cal['scale']:g} ({'; '.join(figs)})"
