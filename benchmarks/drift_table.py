@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 SCALES: dict[str, dict[str, Any]] = {
-    # sized for an idle 2-core CPU: about an hour for 3 seeds (see the README for the measured time)
+    # sized for an idle 2-core CPU: about 85 minutes for 3 seeds (estimated from the small table's stage times)
     "cpu": dict(
-        train=480, calibration=128, test=600, corpus_bytes=400_000, cpt_batch=4, cpt_seq=128,
+        train=480, calibration=200, test=1000, corpus_bytes=400_000, cpt_batch=4, cpt_seq=128,
         lora_epochs=1, lora_batch=8, lora_max_length=64, lora_lr=1e-3, eval_batch=16,
         evolutions=[
             {"name": "docs", "corpus": "corpus", "steps": 12, "lr": 2e-4},  # the small table's evolution

@@ -149,23 +149,18 @@ def port(
     common = dict(scale=scale, overwrite=overwrite, verify=verify, allow_pickle=allow_pickle, patch_source=patch_res)
     cal_warnings: list[str] = []
     with o.progress() as progress:
-        if calibrate is not None:
+        if calibrate is not None:  # the scale first, from the data; then the port as with --scale
             from portllm_cli.core.calibrate import calibrate_for_port
 
-            p = read_patch(patch_res.path, verify=not no_verify)
             cal = calibrate_for_port(
-                p, target, calibrate, out, grid=cal_grid, limit=calibrate_limit,
-                metric=(calibrate_metric.value if calibrate_metric else "auto"),
+                read_patch(patch_res.path, verify=not no_verify), target, calibrate, out, grid=cal_grid,
+                limit=calibrate_limit, metric=(calibrate_metric.value if calibrate_metric else "auto"),
                 device=(device.value if device else "auto"), overwrite=overwrite, allow_pickle=allow_pickle,
                 merging=not as_adapter, progress=progress,
             )
             cal_warnings = list(cal.warnings)
             common.update(scale=cal.scale, calibration=cal.as_dict())
-            if as_adapter:
-                result = core.port_adapter(p, target, out, progress=progress, **common)
-            else:
-                result = core.port_merged(p, target, out, progress=progress, **common)
-        elif as_adapter:
+        if as_adapter:
             p = read_patch(patch_res.path, verify=not no_verify)
             result = core.port_adapter(p, target, out, progress=progress, **common)
         else:
