@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 SCALES: dict[str, dict[str, Any]] = {
     # sized for an idle 2-core CPU: about 85 minutes for 3 seeds (estimated from the small table's stage times)
-    "cpu": dict(
+    "small": dict(
         train=480, calibration=200, test=1000, corpus_bytes=400_000, cpt_batch=4, cpt_seq=128,
         lora_epochs=1, lora_batch=8, lora_max_length=64, lora_lr=1e-3, eval_batch=16,
         evolutions=[

@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="table: the PortLLM table (default); drift: the drift experiment (drift_table.py)")
     ap.add_argument("--scale", default=None,
                     help=f"table: {', '.join(sorted(SCALES))} (default reference); "
-                         f"drift: {', '.join(drift_table.SCALES)} (default cpu)")
+                         f"drift: {', '.join(drift_table.SCALES)} (default small)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-models", action="store_true", help="drift: keep each run's evolved model on disk")
     args = ap.parse_args(argv)
     scales = SCALES if args.experiment == "table" else drift_table.SCALES
-    args.scale = args.scale or ("reference" if args.experiment == "table" else "cpu")
+    args.scale = args.scale or ("reference" if args.experiment == "table" else "small")
     if args.scale not in scales:
         ap.error(f"--scale {args.scale!r}: choose from {', '.join(scales)} for --experiment {args.experiment}")
     if args.experiment == "table" and (args.other_corpus or args.calibrate_grid or args.keep_models):
