@@ -33,7 +33,7 @@ def _state_dict(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 def write_gguf(model_dir: Path, out: Path, *, types: dict[str, str] | None = None, default: str = "F32",
-               split_max_tensors: int = 0) -> list[Path]:
+               split_max_tensors: int = 0, tokenizer: bool = False) -> list[Path]:
     """Convert a tiny safetensors model to GGUF. ``types`` maps a substring of a GGUF tensor name
     to its ggml type (e.g. {"attn_q": "Q4_1"}); 1-D tensors stay F32, as llama.cpp keeps norms."""
     import gguf
@@ -61,7 +61,23 @@ def write_gguf(model_dir: Path, out: Path, *, types: dict[str, str] | None = Non
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
         w.add_sliding_window(cfg.get("sliding_window") or 16)
-    w.add_tokenizer_model("none")  # tests feed token ids; llama.cpp loads a model without a vocabulary
+    if tokenizer:  # the model's byte-level BPE, as the converter stores a gpt2-style tokenizer
+        tj = json.loads((Path(model_dir) / "tokenizer.json").read_text())
+        vocab = tj["model"]["vocab"]
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        for added in tj.get("added_tokens", []):
+            if added["id"] >= len(tokens):
+                tokens.append(added["content"])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * len(tokens))
+        w.add_token_merges(merges)
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(0)
+        w.add_pad_token_id(1)
+    else:
+        w.add_tokenizer_model("none")  # tests feed token ids; llama.cpp loads a model without a vocabulary
     w.add_file_type(0)
     for name, t in _state_dict(model_dir).items():
         if name.endswith("rotary_emb.inv_freq"):
@@ -86,8 +102,10 @@ def write_gguf(model_dir: Path, out: Path, *, types: dict[str, str] | None = Non
             w.add_tensor(key, t)
         elif qtype == "F16":
             w.add_tensor(key, t.astype(np.float16))
+        elif qtype == "Q4_K":  # the gguf package cannot quantize K-quants: blocks with plain scales
+            w.add_tensor(key, _q4_k_blocks(t), raw_dtype=qt)
         else:
-            w.add_tensor(key, gguf.quants.quantize(t, qt), raw_shape=t.shape, raw_dtype=qt)
+            w.add_tensor(key, gguf.quants.quantize(t, qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -95,6 +113,18 @@ def write_gguf(model_dir: Path, out: Path, *, types: dict[str, str] | None = Non
     if split_max_tensors:
         return sorted(Path(out).parent.glob(Path(out).stem + "-*-of-*.gguf"))
     return [Path(out)]
+
+
+def _q4_k_blocks(t: np.ndarray) -> np.ndarray:
+    """Valid Q4_K data for a tensor's shape (d = 1/64, dmin = 0, scales 1, random 4-bit values)."""
+    rng = np.random.default_rng(0)
+    n_blocks = t.size // 256
+    blocks = np.zeros((n_blocks, 144), dtype=np.uint8)
+    blocks[:, 0:2] = np.frombuffer(np.float16(1 / 64).tobytes(), dtype=np.uint8)
+    blocks[:, 4:8] = 1  # 6-bit scales of the first four sub-blocks
+    blocks[:, 12:16] = 1  # the low bits of the last four
+    blocks[:, 16:] = rng.integers(0, 256, size=(n_blocks, 128), dtype=np.uint8)
+    return blocks.reshape(t.shape[0], -1)
 
 
 def f32_copy(src: Path, out: Path) -> Path:
