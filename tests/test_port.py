@@ -284,20 +284,22 @@ def test_scale(llama, tmp_path):
         torch.testing.assert_close(back[key], src[key], rtol=0, atol=1e-6)
 
 
-def test_merge_into_state_dict_matches_port(llama, tmp_path):
+def test_merge_in_place_matches_port(llama, tmp_path):
+    """eval's in-memory patching and port use the same merge: same bits."""
     import torch
 
-    from portllm_cli.core import port as core
-    from portllm_cli.io.checkpoint import Checkpoint
     from portllm_cli.core.compat import check_compatibility
+    from portllm_cli.core.merge import LoraEdit, merge_in_place
+    from portllm_cli.io.checkpoint import Checkpoint
     from portllm_cli.patch.format import read_patch
 
     patch = read_patch(llama["lora"])
     sd = _model_tensors(llama["target"])
     report = check_compatibility(patch, Checkpoint.open(llama["target"]))
-    changed = core.merge_into_state_dict(patch, sd, report.key_map, 1.0)
+    for module, key in report.key_map.items():
+        merge_in_place(sd[key], [LoraEdit(patch.modules[module])])
     want = expected_merge(llama["target"], llama["lora"])
-    assert sorted(changed) == sorted(want)
+    assert sorted(report.key_map.values()) == sorted(want)
     for key, w in want.items():
         assert torch.equal(sd[key], w)
 

@@ -522,21 +522,23 @@ def patched(model: Any, patch: Any, key_map: dict[str, str]) -> Iterator[dict[st
     """
     import torch
 
+    from portllm_cli.core.merge import LoraEdit, Workspace, merge_in_place
+
     params = dict(model.named_parameters())
     saved: dict[int, tuple[str, Any, torch.Tensor]] = {}  # storage address -> (name, param, original)
+    ws = Workspace()
     try:
         with torch.no_grad():
             for module, key in key_map.items():
                 p = _param_for(model, params, module, key)
-                delta = patch.modules[module].delta().to(p.device)
-                if tuple(delta.shape) != tuple(p.shape):
+                m = patch.modules[module]
+                if tuple(m.weight_shape) != tuple(p.shape):
                     raise IncompatibleError(
-                        f"patch module {module}: delta shape {tuple(delta.shape)} does not match the loaded "
+                        f"patch module {module}: delta shape {tuple(m.weight_shape)} does not match the loaded "
                         f"weight {tuple(p.shape)}"
                     )
                 saved.setdefault(p.data_ptr(), (key, p, p.detach().clone()))
-                # Same arithmetic as `portllm port`: accumulate in fp32, cast once.
-                p.copy_((p.float() + delta).to(p.dtype))
+                merge_in_place(p.data, [LoraEdit(m)], ws)  # the same merge as `portllm port`
         yield {name: orig for name, _, orig in saved.values()}
     finally:
         with torch.no_grad():

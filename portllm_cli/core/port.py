@@ -10,9 +10,7 @@ plus two targeted tensors in float32 (one per merge worker), whatever the model'
 patch directory, the copies start as soon as the patch's names and shapes (from its header) are
 known to fit, so importing torch and reading and verifying the factors overlap them.
 
-The merge is ``(W.float() + delta).to(W.dtype)`` with ``delta = scale * B @ A`` in float32:
-one rounding to the target's dtype. PEFT's ``merge_and_unload`` on a bfloat16 model can
-round twice (delta to bf16, then the sum); see the README for why ours is the closer one.
+The merge itself (float32 sum, one rounding, row blocks) is ``portllm_cli.core.merge``.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from portllm_cli import __version__
 from portllm_cli.core.compat import CompatReport, check_compatibility
+from portllm_cli.core.merge import Workspace, merge_weight
 from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.errors import IntegrityError, PortllmError, UnsupportedError, UsageError
 from portllm_cli.io.atomic import atomic_output_dir, copy_file
@@ -96,62 +95,8 @@ class PortResult:
         }
 
 
-# -- the merge itself ------------------------------------------------------------------------
-def merge_weight(
-    W: "torch.Tensor", module: LoraModule, scale: float = 1.0, buffers: "_MergeBuffers | None" = None
-) -> "torch.Tensor":
-    """W + scale * module.scale * B @ A, accumulated in float32 and rounded once to W's dtype.
-
-    Bit for bit ``(W.float() + module.delta(scale)).to(W.dtype)``: W widens to float32 exactly
-    and float addition commutes, so adding W into the delta in place gives the same sum while
-    sparing a full-size float32 buffer. With ``buffers`` the delta goes into a reused buffer
-    (the same matmul and multiply, so the same bits) instead of fresh pages each time.
-    """
-    if buffers is None or module.kind != "linear" or module.fan_in_fan_out:
-        delta = module.delta(extra_scale=scale)
-    else:
-        delta = buffers.delta(module, scale)
-    delta.add_(W)  # float32 += W: the sum is computed in float32
-    return delta.to(W.dtype)
-
-
-class _MergeBuffers:
-    """One float32 buffer per weight shape, reused across merges (a shard holds many same-shaped
-    weights; fresh multi-megabyte allocations cost a page fault per 4 KiB)."""
-
-    def __init__(self) -> None:
-        self._bufs: dict = {}
-
-    def delta(self, module: LoraModule, scale: float) -> "torch.Tensor":
-        import torch
-
-        shape = (int(module.B.shape[0]), int(module.A.shape[1]))
-        buf = self._bufs.get(shape)
-        if buf is None:
-            buf = self._bufs[shape] = torch.empty(shape, dtype=torch.float32)
-        torch.matmul(module.B.to(torch.float32), module.A.to(torch.float32), out=buf)
-        return buf.mul_(module.scale * scale)
-
-
-def merge_into_state_dict(
-    patch: Patch, state_dict: dict[str, "torch.Tensor"], key_map: dict[str, str], scale: float = 1.0
-) -> list[str]:
-    """Merge a patch into an in-memory state dict (in place); returns the keys changed.
-
-    ``key_map`` maps patch module -> state-dict key (``CompatReport.key_map``). For evaluating a
-    patched model without writing it to disk.
-    """
-    import torch
-
-    changed = []
-    with torch.no_grad():
-        for module, key in key_map.items():
-            W = state_dict[key]
-            W.copy_(merge_weight(W, patch.modules[module], scale))  # in place: tied views follow
-            changed.append(key)
-    return changed
-
-
+# -- the merge itself lives in core/merge.py; ``merge_weight`` is re-exported here as the
+# per-tensor hook tests/slow_port.py wraps.
 def check_scale(scale: float) -> float:
     """--scale multiplies the patch's own alpha/r: finite and non-zero; negative subtracts it."""
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
@@ -419,10 +364,10 @@ def _run_merges(ckpt: Checkpoint, jobs: list, scale: float, tick: Callable[[int]
 
     def merge_one(job: tuple) -> None:
         f, fd, key, module = job
-        if not hasattr(local, "buffers"):
-            local.buffers = _MergeBuffers()
+        if not hasattr(local, "ws"):
+            local.ws = Workspace()
         info = ckpt.headers[f].tensors[key]
-        merged = merge_weight(read_tensor(f, info), module, scale, local.buffers)
+        merged = merge_weight(read_tensor(f, info), module, scale, local.ws)
         _pwrite_all(fd, tensor_bytes(merged), info.begin)
         tick(info.nbytes)
 

@@ -1,0 +1,174 @@
+"""The merge formula, in one place: what a patch does to one stored weight, a block of rows at a time.
+
+Every path that changes weights goes through here: ``port`` (safetensors shards and pickle
+targets), ``--verify``'s recomputation, ``eval``'s in-memory patching, and the GGUF port.
+
+A targeted tensor is changed by one or more *edits*. An edit sees a float32 copy of rows
+``[r0, r1)`` of the tensor as it is stored (row = index along dimension 0) and changes it in
+place; the driver then rounds the block once to the stored dtype. For a LoRA module on a linear
+weight ``W (out, in)`` the block gets ``scale * B[r0:r1] @ A``: each output row depends only on
+its own row of B, so merging block by block gives the same bits as merging the whole tensor
+(``tests/test_merge.py`` checks it for every layout and dtype), while the float32 working set is
+bounded by the block size instead of the largest tensor.
+
+Layouts: an embedding (``lora_embedding_A (r, num_embeddings)``, ``lora_embedding_B (dim, r)``)
+and a ``fan_in_fan_out`` weight (GPT-2's Conv1D, stored ``(in, out)``) hold ``(B @ A).T``, so
+their rows are columns of ``B @ A``: block ``[r0, r1)`` gets ``(B @ A[:, r0:r1]).T``.
+
+Rounding: the sum ``W + scale * B @ A`` is formed in float32 and rounded once to the stored
+dtype. PEFT's ``merge_and_unload`` on a bfloat16 model can round twice (the delta to bf16, then
+the sum); see the README for why one rounding is the closer answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+    from portllm_cli.patch.format import LoraModule
+
+# float32 bytes of one working block (the rows of W being merged, and the delta for them).
+BLOCK_BYTES = 16 << 20
+
+
+class Edit(Protocol):
+    """Something that changes rows of one stored tensor."""
+
+    def apply(self, block: "torch.Tensor", r0: int, r1: int, ws: "Workspace") -> None:
+        """Change ``block`` (float32 rows ``[r0, r1)`` of the stored tensor) in place."""
+
+
+class Workspace:
+    """Reusable float32 scratch buffers, by shape: a shard holds many same-shaped weights, and a
+    fresh multi-megabyte allocation per block costs a page fault per 4 KiB. One per thread."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple, "torch.Tensor"] = {}
+
+    def get(self, shape: tuple[int, ...], device: "torch.device | None" = None) -> "torch.Tensor":
+        import torch
+
+        key = (shape, str(device))
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty(shape, dtype=torch.float32, device=device)
+        return buf
+
+
+@dataclass(frozen=True)
+class LoraEdit:
+    """W += scale * module.scale * B @ A (in the stored layout of W)."""
+
+    module: "LoraModule"
+    scale: float = 1.0  # on top of the module's own alpha/r: --scale, a calibrated lambda
+
+    def apply(self, block: "torch.Tensor", r0: int, r1: int, ws: Workspace) -> None:
+        import torch
+
+        m = self.module
+        s = m.scale * self.scale
+        A = m.A.to(device=block.device, dtype=torch.float32)
+        B = m.B.to(device=block.device, dtype=torch.float32)
+        if m.kind == "embedding" or m.fan_in_fan_out:
+            d = ws.get((int(B.shape[0]), r1 - r0), block.device)
+            torch.matmul(B, A[:, r0:r1], out=d)
+            d.mul_(s)
+            block.add_(d.T)
+        else:
+            d = ws.get((r1 - r0, int(A.shape[1])), block.device)
+            torch.matmul(B[r0:r1], A, out=d)
+            d.mul_(s)
+            block.add_(d)
+
+
+# A one-row matmul takes BLAS's matrix-vector path, which sums in another order than the
+# matrix-matrix kernel a whole-tensor merge (and PEFT) uses: blocks never hold a single row.
+MIN_BLOCK_ROWS = 8
+
+
+def block_rows(shape: Sequence[int], block_bytes: int = BLOCK_BYTES) -> int:
+    """How many rows of a tensor of this shape make one float32 block (at least MIN_BLOCK_ROWS)."""
+    row = 4
+    for d in shape[1:]:
+        row *= int(d)
+    return max(MIN_BLOCK_ROWS, block_bytes // max(row, 1))
+
+
+def row_blocks(n_rows: int, rows_per_block: int) -> list[tuple[int, int]]:
+    """[r0, r1) spans covering n_rows; a one-row remainder joins the block before it."""
+    rows_per_block = max(2, rows_per_block)
+    spans = [(r0, min(n_rows, r0 + rows_per_block)) for r0 in range(0, n_rows, rows_per_block)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+        spans[-2:] = [(spans[-2][0], n_rows)]
+    return spans
+
+
+def merge_block(rows: "torch.Tensor", edits: Sequence[Edit], r0: int, ws: Workspace | None = None) -> "torch.Tensor":
+    """Rows ``[r0, r0 + len(rows))`` of a stored tensor with every edit applied, in the stored dtype.
+
+    ``rows`` itself is never changed: the block is a float32 copy, edited, rounded once.
+    """
+    import torch
+
+    ws = ws or Workspace()
+    block = rows.to(torch.float32, copy=True)
+    r1 = r0 + int(rows.shape[0])
+    for e in edits:
+        e.apply(block, r0, r1, ws)
+    return block.to(rows.dtype)
+
+
+def merge_stream(
+    n_rows: int,
+    read_rows: Callable[[int, int], "torch.Tensor"],
+    write_rows: Callable[[int, "torch.Tensor"], None],
+    edits: Sequence[Edit],
+    rows_per_block: int,
+    ws: Workspace | None = None,
+) -> None:
+    """Merge a tensor block by block: ``read_rows(r0, r1)`` gives stored rows, ``write_rows(r0, t)``
+    takes the merged ones. Peak memory is one block, whatever the tensor's size."""
+    ws = ws or Workspace()
+    for r0, r1 in row_blocks(n_rows, rows_per_block):
+        write_rows(r0, merge_block(read_rows(r0, r1), edits, r0, ws))
+
+
+def merge_tensor(
+    W: "torch.Tensor", edits: Sequence[Edit], *, block_bytes: int = BLOCK_BYTES, ws: Workspace | None = None
+) -> "torch.Tensor":
+    """A new tensor: W (in memory) with every edit applied, in W's dtype, merged block by block."""
+    import torch
+
+    out = torch.empty_like(W)
+    if W.ndim == 0 or W.numel() == 0:
+        return W.clone()
+
+    def write(r0: int, t: "torch.Tensor") -> None:
+        out[r0 : r0 + t.shape[0]] = t
+
+    merge_stream(int(W.shape[0]), lambda a, b: W[a:b], write, edits, block_rows(W.shape, block_bytes), ws)
+    return out
+
+
+def merge_weight(W: "torch.Tensor", module: "LoraModule", scale: float = 1.0, ws: Workspace | None = None) -> "torch.Tensor":
+    """W + scale * module.scale * B @ A, formed in float32 and rounded once to W's dtype."""
+    return merge_tensor(W, [LoraEdit(module, scale)], ws=ws)
+
+
+def merge_in_place(W: "torch.Tensor", edits: Sequence[Edit], ws: Workspace | None = None) -> None:
+    """Apply edits to a live tensor (e.g. a loaded model's parameter), block by block.
+
+    Each block is read before it is written and blocks do not overlap, so this equals
+    ``W.copy_(merge_tensor(W, edits))`` without a second full-size tensor. Views of W (tied
+    weights) see the change.
+    """
+    if W.ndim == 0 or W.numel() == 0:
+        return
+
+    def write(r0: int, t: "torch.Tensor") -> None:
+        W[r0 : r0 + t.shape[0]].copy_(t)
+
+    merge_stream(int(W.shape[0]), lambda a, b: W[a:b], write, edits, block_rows(W.shape), ws)
