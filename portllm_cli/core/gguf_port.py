@@ -67,7 +67,6 @@ MODEL_TYPE_ALIASES = {"mistral": "llama", "gemma3_text": "gemma3"}
 WIDE_TYPES = ("F32", "F16", "BF16", "Q8_0")
 MERGED_TYPES = ("auto", "keep", "q8_0", "f16", "bf16", "f32")
 ADAPTER_TYPES = ("f32", "f16", "bf16", "q8_0")
-BLOCK_BYTES = 16 << 20  # float32 bytes of one working block of rows
 
 
 # -- architecture and names ----------------------------------------------------------------------
@@ -226,26 +225,6 @@ def _gguf_module(m: LoraModule, perm: list[int] | None) -> LoraModule:
     return dataclasses.replace(m, B=m.B[torch.tensor(perm, dtype=torch.long)])
 
 
-def _merge_rows(block: "torch.Tensor", module: LoraModule, r0: int, r1: int, scale: float) -> None:
-    """Add the patch's change to rows [r0, r1) of a stored weight, held in float32 in ``block``.
-
-    The one call into the merge formula for GGUF targets (the shared row-block merge).
-    """
-    try:
-        from portllm_cli.core.merge import LoraEdit, Workspace
-    except ImportError:  # TEMPORARY until core.merge lands on main
-        import torch
-
-        s = module.scale * scale
-        A, B = module.A.to(torch.float32), module.B.to(torch.float32)
-        if module.kind == "embedding":
-            block.add_((B @ A[:, r0:r1]).mul_(s).T)
-        else:
-            block.add_((B[r0:r1] @ A).mul_(s))
-        return
-    LoraEdit(module, scale).apply(block, r0, r1, Workspace())
-
-
 # -- quantization ---------------------------------------------------------------------------------
 def _quant_supported(tid: int, direction: str) -> bool:
     """Whether the gguf package can quantize/dequantize this type (its numpy reference code)."""
@@ -330,26 +309,34 @@ def merge_tensor_to(
     src_fd: int, src_path: Path, t: gio.GgufTensor, out_fd: int, out_begin: int, out_tid: int,
     module: LoraModule, scale: float, tick: Callable[[int], None],
 ) -> dict[str, Any]:
-    """Merge one targeted tensor a block of rows at a time; returns its survival figures."""
-    import numpy as np
+    """Merge one targeted tensor a block of rows at a time through the shared merge (core.merge):
+    rows are dequantized to float32, merged, and quantized to ``out_tid``. Returns how much of the
+    patch's change the written type kept."""
     import torch
+
+    from portllm_cli.core.merge import LoraEdit, Workspace, block_rows, merge_stream
 
     cols = t.shape[-1] if len(t.shape) > 1 else 1
     out_row = gio.tensor_nbytes((1, cols), out_tid)
-    rows_per_block = max(1, BLOCK_BYTES // (4 * cols))
     surv = _Survival()
-    for r0 in range(0, t.rows, rows_per_block):
-        r1 = min(t.rows, r0 + rows_per_block)
+    held: dict[int, Any] = {}  # r0 -> the dequantized source rows, for the survival figures
+
+    def read(r0: int, r1: int) -> "torch.Tensor":
         orig = dequantize_rows(gio.read_rows(src_fd, t, r0, r1, src_path), t, r1 - r0)
-        block = torch.from_numpy(orig.copy())
-        _merge_rows(block, module, r0, r1, scale)
-        merged = block.numpy()
-        data = quantize_rows(merged, out_tid)
+        held[r0] = orig
+        return torch.from_numpy(orig)  # float32: merge_block copies it, merges, and keeps float32
+
+    def write(r0: int, merged: "torch.Tensor") -> None:
+        m = merged.numpy()
+        n = m.shape[0]
+        data = quantize_rows(m, out_tid)
         gio.pwrite_all(out_fd, data, out_begin + r0 * out_row)
-        written = dequantize_rows(bytearray(data), gio.GgufTensor("", out_tid, "", (r1 - r0, cols), 0, len(data), 0), r1 - r0)
-        surv.add(merged - orig, written - orig)
-        tick(t.row_bytes * (r1 - r0))
-    del np
+        back = dequantize_rows(bytearray(data), gio.GgufTensor("", out_tid, "", (n, cols), 0, len(data), 0), n)
+        orig = held.pop(r0)
+        surv.add(m - orig, back - orig)
+        tick(t.row_bytes * n)
+
+    merge_stream(t.rows, read, write, [LoraEdit(module, scale)], block_rows((t.rows, cols)), Workspace())
     return surv.as_dict()
 
 
