@@ -544,3 +544,18 @@ def test_llama_cpp_runs_the_merged_gguf(models, loras, tmp_path):
     merged = llama_cpp_logits(tmp_path / "m" / g.name, tmp_path)
     applied = llama_cpp_logits(g, tmp_path, Path(doc["adapter_file"]))
     np.testing.assert_allclose(merged, applied, rtol=0, atol=1e-3)
+
+
+# -- the Hub ---------------------------------------------------------------------------------------
+def test_gguf_to_and_from_the_hub(hub, models, loras, tmp_path):
+    _, g = models["llama"]
+    doc = ok("port", "-p", loras["llama"], "--to", g, "-o", tmp_path / "m", "--push-to-hub", "alice/tiny-gguf")
+    assert doc["hub"]["repo_id"] == "alice/tiny-gguf"
+    stored = hub.files("alice/tiny-gguf")
+    assert stored[g.name] == (tmp_path / "m" / g.name).read_bytes() and "portllm_port.json" in stored
+    a = ok("port", "-p", loras["llama"], "--to", "alice/tiny-gguf", "--gguf-file", g.name, "--as-adapter",
+           "-o", tmp_path / "a")
+    assert a["target"] == f"alice/tiny-gguf@{hub.head('alice/tiny-gguf')}" and Path(a["adapter_file"]).is_file()
+    res = run("port", "-p", loras["llama"], "--to", "alice/tiny-gguf", "--gguf-file", "nope.gguf", "--as-adapter",
+              "-o", tmp_path / "b")
+    one_error_line(res, 1, "nope.gguf")

@@ -287,16 +287,16 @@ class _Survival:
     rd: float = 0.0  # <realized, delta>
     ee: float = 0.0  # ||realized - delta||^2
 
-    def add(self, delta: "np.ndarray", realized: "np.ndarray") -> None:
-        import numpy as np
-
-        d = delta.astype(np.float64)
-        r = realized.astype(np.float64)
-        self.dd += float((d * d).sum())
-        self.rr += float((r * r).sum())
-        self.rd += float((r * d).sum())
-        e = r - d
-        self.ee += float((e * e).sum())
+    def add(self, orig: "np.ndarray", merged: "np.ndarray", written: "np.ndarray") -> None:
+        """One block: the source rows, the exact merge (float32) and the written rows, dequantized."""
+        d = (merged - orig).ravel()
+        r = (written - orig).ravel()
+        e = (written - merged).ravel()
+        # float32 dot products (BLAS), summed over blocks in Python floats: figures for a report
+        self.dd += float(d @ d)
+        self.rr += float(r @ r)
+        self.rd += float(r @ d)
+        self.ee += float(e @ e)
 
     def as_dict(self) -> dict[str, Any]:
         kept = self.rd / math.sqrt(self.rr * self.dd) if self.rr > 0 and self.dd > 0 else None
@@ -332,8 +332,7 @@ def merge_tensor_to(
         data = quantize_rows(m, out_tid)
         gio.pwrite_all(out_fd, data, out_begin + r0 * out_row)
         back = dequantize_rows(bytearray(data), gio.GgufTensor("", out_tid, "", (n, cols), 0, len(data), 0), n)
-        orig = held.pop(r0)
-        surv.add(m - orig, back - orig)
+        surv.add(held.pop(r0), m, back)
         tick(t.row_bytes * n)
 
     merge_stream(t.rows, read, write, [LoraEdit(module, scale)], block_rows((t.rows, cols)), Workspace())
