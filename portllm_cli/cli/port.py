@@ -225,8 +225,8 @@ def _port_gguf(o, patch_res, target, out, *, as_adapter, format_, scale, overwri
     else:
         kinds = sorted({f"{r['source_type']}->{r['written_type']}" for r in result.tensors})
         kept = [r["change_kept"] for r in result.tensors if r["change_kept"] is not None]
-        o.info(f"{result.modules_merged} patch modules merged into {result.target} ({', '.join(kinds)}); "
-               f"patch change kept: worst {min(kept):.4f}" if kept else "")
+        worst = f"; patch change kept (cosine): worst {min(kept):.4f}" if kept else ""
+        o.info(f"{result.modules_merged} patch modules merged into {result.target} ({', '.join(kinds)}){worst}")
         o.info(f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s: "
                + ", ".join(str(Path(out) / f) for f in result.files) + (" (verified)" if result.verified else ""))
     doc = result.as_dict()
