@@ -211,8 +211,6 @@ def plan_configurations(
     models: list[_Model], patches: list[_Patch], only: list[str] | None
 ) -> tuple[list[_Config], list[dict[str, str]]]:
     """Each model alone, then each model with each patch that fits it; --only keeps exact names."""
-    from portllm_cli.core.compat import check_compatibility
-
     configs: list[_Config] = []
     skipped: list[dict[str, str]] = []
     fits_any: dict[str, list[str]] = {p.spec: [] for p in patches}
@@ -900,7 +898,6 @@ def evaluate(
     """Evaluate every model alone and with every patch that fits it, on every task."""
     from portllm_cli.core.models import check_causal_lm, resolve_device, torch_dtype
     from portllm_cli.io.atomic import atomic_output_dir, check_output
-    from portllm_cli.io.checkpoint import Checkpoint
     from portllm_cli.patch.format import read_patch
     from portllm_cli.resolve import resolve
 

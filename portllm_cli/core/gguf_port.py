@@ -42,7 +42,7 @@ from portllm_cli.patch.format import LoraModule, Patch, now_iso
 if TYPE_CHECKING:
     import numpy as np
 
-    from portllm_cli.core.port import PortPlan, PortResult
+    from portllm_cli.core.port import PortPlan
     from portllm_cli.resolve import Resolved
 
 PORT_RECORD = "portllm_port.json"
