@@ -557,3 +557,18 @@ def test_gguf_to_and_from_the_hub(hub, models, loras, tmp_path):
     res = run("port", "-p", loras["llama"], "--to", "alice/tiny-gguf", "--gguf-file", "nope.gguf", "--as-adapter",
               "-o", tmp_path / "b")
     one_error_line(res, 1, "nope.gguf")
+
+
+@llamacpp
+@pytest.mark.llamacpp
+def test_llama_cpp_loads_a_merged_split_set(models, loras, tmp_path):
+    d, g = models["llama"]
+    (tmp_path / "s").mkdir()
+    parts = gf.write_gguf(d, tmp_path / "s" / "m.gguf", types=QUANT, split_max_tensors=8)
+    ok("port", "-p", loras["llama"], "--to", parts[0], "-o", tmp_path / "out")
+    single = tmp_path / "one" / "m.gguf"
+    single.parent.mkdir()
+    gf.write_gguf(d, single, types=QUANT)
+    ok("port", "-p", loras["llama"], "--to", single, "-o", tmp_path / "one-out")
+    split_logits = llama_cpp_logits(tmp_path / "out" / parts[0].name, tmp_path)  # llama.cpp finds the other parts
+    np.testing.assert_array_equal(split_logits, llama_cpp_logits(tmp_path / "one-out" / "m.gguf", tmp_path))
