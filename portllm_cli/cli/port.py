@@ -40,7 +40,15 @@ Examples:
   # a patch from the Hub onto a model from the Hub; publish the retargeted adapter
   portllm port -p team/sst2-patch@v1 --to mistralai/Mistral-7B-v0.3 --as-adapter -o ./a --push-to-hub me/sst2-v0.3
 
-Exit codes: 0 ok, 1 failure, 2 usage, 3 patch does not fit the model, 4 integrity check failed.
+  # llama.cpp / Ollama: the patch as a GGUF LoRA for a GGUF model (written as ./sst2-lora/sst2-lora.gguf)
+  portllm port -p ./sst2.patch --to ./model-v2.Q4_K_M.gguf --as-adapter --format gguf -o ./sst2-lora
+  llama-cli -m ./model-v2.Q4_K_M.gguf --lora ./sst2-lora/sst2-lora.gguf
+
+  # a merged GGUF (4-bit tensors the patch touches become Q8_0; everything else copied byte for byte)
+  portllm port -p ./sst2.patch --to user/model-v2-GGUF --gguf-file model-v2.Q4_K_M.gguf -o ./v2-sst2
+
+Exit codes: 0 ok, 1 failure, 2 usage, 3 patch does not fit the model, 4 integrity check failed
+(also: a GGUF file that is truncated or lies about its layout).
 """
 
 ToOpt = Annotated[
@@ -100,6 +108,35 @@ CalibrateMetricOpt = Annotated[
 CalibrateDeviceOpt = Annotated[
     Optional[Device], typer.Option("--device", help="Where --calibrate scores the model (auto picks cuda when available).")
 ]
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="Adapter format for --as-adapter: 'peft' (adapter_config.json + safetensors) or 'gguf' (a GGUF "
+        "LoRA for llama.cpp --lora / Ollama ADAPTER). Default: gguf when --to is a GGUF, else peft.",
+        metavar="peft|gguf",
+    ),
+]
+GgufFileOpt = Annotated[
+    Optional[str],
+    typer.Option("--gguf-file", help="The GGUF file inside --to (a directory or user/repo), like transformers' "
+                 "gguf_file=; for a split set, its first part (NAME-00001-of-0000N.gguf).", metavar="NAME"),
+]
+GgufMergedTypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--gguf-merged-type",
+        help="Type of the merged tensors in a merged GGUF: 'auto' keeps F32/F16/BF16/Q8_0 and writes lower-bit "
+        "types as Q8_0 (a 4-bit type rounds most of a LoRA's change away); 'keep' writes each in its own type; "
+        "or q8_0, f16, bf16, f32.",
+        metavar="auto|keep|q8_0|f16|bf16|f32",
+    ),
+]
+GgufLoraTypeOpt = Annotated[
+    str,
+    typer.Option("--gguf-lora-type", help="Type of the GGUF LoRA's factors (f32 is exact; q8_0 rows shorter "
+                 "than 32 fall back to f16, as llama.cpp's converter does).", metavar="f32|f16|bf16|q8_0"),
+]
 VerifyOpt = Annotated[
     bool,
     typer.Option(
@@ -121,6 +158,10 @@ def port(
     no_verify: NoVerifyOpt = False,
     allow_pickle: AllowPickleOpt = False,
     revision: RevisionOpt = None,
+    format_: FormatOpt = "",
+    gguf_file: GgufFileOpt = None,
+    gguf_merged_type: GgufMergedTypeOpt = "auto",
+    gguf_lora_type: GgufLoraTypeOpt = "f32",
     push_to_hub: PushToHubOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -138,14 +179,31 @@ def port(
     sha256, as the `calibration` object of the output's record and of --json.
     """
     from portllm_cli.core import port as core
+    from portllm_cli.errors import UsageError
     from portllm_cli.patch.format import read_patch
     from portllm_cli.resolve import resolve
 
     o = Output(json_mode=json_, quiet=quiet)
     cal_grid = _check_calibrate_flags(scale, calibrate, calibrate_grid, calibrate_limit, calibrate_metric, device)
     scale = core.check_scale(1.0 if scale is None else scale)
+    if format_ not in ("", "peft", "gguf"):
+        raise UsageError(f"--format {format_!r}: expected peft or gguf")
+    if format_ and not as_adapter:
+        raise UsageError("--format applies to --as-adapter", hint="add --as-adapter, or drop --format")
     patch_res = resolve(patch, kind="patch")
-    target = resolve(to, kind="model", revision=revision)
+    target = _resolve_target(to, revision, gguf_file)
+    gguf_target = target.path.suffix == ".gguf"
+    if as_adapter and format_ == "gguf" or gguf_target:
+        if calibrate is not None:
+            raise UsageError(
+                "--calibrate scores a transformers model in memory; it does not run on GGUF targets or outputs",
+                hint="calibrate against the safetensors model (portllm port --calibrate ... --as-adapter), "
+                "then port onto the GGUF with --scale set to the chosen value",
+            )
+        _port_gguf(o, patch_res, target, out, as_adapter=as_adapter, format_=format_ or "gguf", scale=scale,
+                   overwrite=overwrite, verify=verify, no_verify=no_verify, allow_pickle=allow_pickle,
+                   merged_type=gguf_merged_type, lora_type=gguf_lora_type, push_to_hub=push_to_hub)
+        return
     common = dict(scale=scale, overwrite=overwrite, verify=verify, allow_pickle=allow_pickle, patch_source=patch_res)
     cal_warnings: list[str] = []
     with o.progress() as progress:
@@ -215,3 +273,77 @@ def _calibration_summary(cal: dict) -> str:
         figs.append(f"at scale 1: {one[key]:.4f}")
     figs.append(f"patch off: {cal['reference'][key]:.4f}")
     return f"calibrated on {cal['data']['rows_used']} {cal['task']} examples: scale {cal['scale']:g} ({'; '.join(figs)})"
+
+
+def _resolve_target(to: str, revision: str | None, gguf_file: str | None):
+    """--to as a Resolved: a safetensors model directory, or a GGUF file (local, in a directory, in
+    a Hub repo with --gguf-file)."""
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from portllm_cli.resolve import looks_like_repo_id, resolve
+
+    local = Path(os.path.expanduser(to))
+    if gguf_file is not None and not local.exists() and looks_like_repo_id(to):
+        from portllm_cli import hub
+
+        return hub.download_gguf(to, gguf_file, revision=revision)
+    target = resolve(to, kind="model", revision=revision)
+    if target.path.is_file():
+        if gguf_file is not None:
+            from portllm_cli.errors import UsageError
+
+            raise UsageError(f"--gguf-file {gguf_file}: --to {to} is already a file")
+        return target
+    from portllm_cli.core.gguf_port import gguf_in_dir
+
+    found = gguf_in_dir(target.path, gguf_file)
+    return dataclasses.replace(target, path=found) if found is not None else target
+
+
+def _port_gguf(o, patch_res, target, out, *, as_adapter, format_, scale, overwrite, verify, no_verify, allow_pickle,
+               merged_type, lora_type, push_to_hub) -> None:
+    from pathlib import Path
+
+    from portllm_cli.core import gguf_port
+    from portllm_cli.errors import UsageError
+    from portllm_cli.patch.format import read_patch
+
+    if Path(out).suffix == ".gguf":
+        name = gguf_port.adapter_file_name(Path(out).with_suffix("")) if as_adapter else "the model's own file names"
+        raise UsageError(f"--out {out}: --out is a directory; the GGUF goes inside it",
+                         hint=f"drop the .gguf suffix (the file inside will be named {name})")
+    if as_adapter and format_ == "peft":
+        raise UsageError("--format peft onto a GGUF target: a PEFT adapter needs a transformers model",
+                         hint="use --format gguf (a GGUF LoRA for llama.cpp), or --to the safetensors model")
+    p = read_patch(patch_res.path, verify=not no_verify)
+    common = dict(scale=scale, overwrite=overwrite, verify=verify, patch_source=patch_res)
+    with o.progress() as progress:
+        if as_adapter:
+            result = gguf_port.port_gguf_adapter(p, target, Path(out), factor_type=lora_type, allow_pickle=allow_pickle,
+                                                 progress=progress, **common)
+        else:
+            result = gguf_port.port_gguf_merged(p, target, Path(out), merged_type=merged_type, progress=progress,
+                                                **common)
+    for w in result.warnings:
+        o.warn(w)
+    if as_adapter:
+        adapter = result.extra["adapter_file"]
+        o.info(f"{result.modules_merged} patch modules written as a GGUF LoRA ({result.extra['architecture']}, "
+               f"{lora_type}): {adapter}" + (" (verified)" if result.verified else ""))
+        if target.path.suffix == ".gguf":
+            o.info(f"llama.cpp:  llama-cli -m {target.path} --lora {adapter}")
+            o.info(f"Ollama:     FROM {target.path}  +  ADAPTER {adapter}   (in a Modelfile)")
+    else:
+        kinds = sorted({f"{r['source_type']}->{r['written_type']}" for r in result.tensors})
+        kept = [r["change_kept"] for r in result.tensors if r["change_kept"] is not None]
+        worst = f"; patch change kept (cosine): worst {min(kept):.4f}" if kept else ""
+        o.info(f"{result.modules_merged} patch modules merged into {result.target} ({', '.join(kinds)}){worst}")
+        o.info(f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s: "
+               + ", ".join(str(Path(out) / f) for f in result.files) + (" (verified)" if result.verified else ""))
+    doc = result.as_dict()
+    pushed = push_result_if_requested(result.out, push_to_hub, o)
+    if pushed is not None:
+        doc["hub"] = pushed
+    o.result(doc, str(result.out))

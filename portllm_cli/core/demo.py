@@ -127,6 +127,7 @@ class DemoResult:
     wall_s: float
     workdir: Path
     notes: list[str] = field(default_factory=list)
+    commands: dict[str, str] = field(default_factory=dict)  # how to run the results elsewhere (llama.cpp)
 
     def row(self, key: str) -> DemoRow:
         return next(r for r in self.rows if r.key == key)
@@ -146,6 +147,7 @@ class DemoResult:
             "wall_s": round(self.wall_s, 2),
             "workdir": str(self.workdir),
             "notes": self.notes,
+            "commands": self.commands,
         }
 
 
@@ -183,6 +185,7 @@ class Material:
     train: Path  # JSONL {"sentence", "label"}
     test: Path
     corpus: Path  # plain text
+    gguf: Path | None = None  # the model as the GGUF file it ships as (llama.cpp), when it does
 
 
 def fetch_material(sizes: DemoSizes, notify: NotifyFn, progress: ProgressFn) -> Material:
@@ -191,7 +194,7 @@ def fetch_material(sizes: DemoSizes, notify: NotifyFn, progress: ProgressFn) -> 
     model = material.smollm2_dir(notify, progress)
     data = material.polarity_data(notify, seed=0)
     corpus = material.python_docs_corpus(sizes.corpus_bytes, notify)
-    return Material(model, data.train, data.test, corpus)
+    return Material(model, data.train, data.test, corpus, material.find_smollm2_gguf(notify))
 
 
 def head_jsonl(src: Path, n: int, dst: Path) -> int:
@@ -354,8 +357,25 @@ def run_demo(
                      "try more --lora-steps")
     artifacts = {"base": mat.model, "evolved": evolved, "patch": patch, "ported": ported, "eval": eval_file,
                  "train": train_file, "test": test_file, "corpus": mat.corpus}
+
+    # 7. the patch for llama.cpp / Ollama: a GGUF LoRA for the model's own GGUF file (= port
+    # --as-adapter --format gguf) --------------------------------------------------------------
+    commands: dict[str, str] = {}
+    if mat.gguf is not None:
+        from portllm_cli.core.gguf_port import adapter_file_name, port_gguf_adapter
+        from portllm_cli.resolve import Resolved
+
+        gguf_lora = workdir / f"patch-gguf-{_key(patch.name, str(mat.gguf.resolve()))}"
+        stage("GGUF LoRA", gguf_lora, "the patch as a GGUF LoRA for the model's GGUF file (port --as-adapter --format gguf)",
+              lambda: port_gguf_adapter(read_patch(patch), Resolved(str(mat.gguf), mat.gguf), gguf_lora,
+                                        progress=progress))
+        adapter = gguf_lora / adapter_file_name(gguf_lora)
+        artifacts["gguf"], artifacts["gguf_lora"] = mat.gguf, adapter
+        commands["llama.cpp"] = (f"llama-cli -m {mat.gguf} --lora {adapter} "
+                                 "-p 'Review: a gripping, beautiful film\nSentiment (positive or negative):' -n 2")
+        commands["ollama"] = f"printf 'FROM {mat.gguf}\nADAPTER {adapter}\n' > Modelfile && ollama create smollm2-sst2 -f Modelfile"
     return DemoResult(rows, share, patch_gain, ported_gain, sz, artifacts, checks, stages,
-                      time.perf_counter() - t0, workdir, notes)
+                      time.perf_counter() - t0, workdir, notes, commands)
 
 
 def _quiet_libraries() -> None:

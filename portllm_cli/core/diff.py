@@ -1212,6 +1212,11 @@ def open_input(spec: str, *, allow_pickle: bool = False, verify: bool = True) ->
     except ImportError:
         raise NotFoundError(f"{spec}: no such local directory (and Hub support is not installed)") from None
     path = res.path
+    gguf = _gguf_path(path)
+    if gguf is not None:
+        from portllm_cli.core.gguf_port import open_target
+
+        return "model", open_target(gguf), res.display
     if not path.is_dir():
         raise InvalidInputError(
             f"{spec}: expected a model or patch directory, found a file ({path.name})",
@@ -1255,7 +1260,9 @@ def diff_paths(
         base_ckpt = base_obj  # type: ignore[assignment]
     warnings = [w for o in (obj_a, obj_b) if isinstance(o, Patch) for w in o.warnings]
     result: ModelDiff | PatchDiff | PatchModelDiff
-    if kind_a == "model" and kind_b == "model":
+    if not isinstance(obj_a, (Patch, Checkpoint)) or not isinstance(obj_b, (Patch, Checkpoint)):
+        result = _diff_with_gguf(kind_a, obj_a, disp_a, kind_b, obj_b, disp_b)
+    elif kind_a == "model" and kind_b == "model":
         result = diff_models(obj_a, obj_b, a=disp_a, b=disp_b, progress=progress)
     elif kind_a == "patch" and kind_b == "patch":
         result = diff_patches(obj_a, obj_b, a=disp_a, b=disp_b, progress=progress)
@@ -1270,6 +1277,35 @@ def diff_paths(
             patch_first=False, progress=progress,
         )
     return DiffReport(f"{kind_a}-{kind_b}", disp_a, disp_b, result, top, warnings)
+
+
+def _gguf_path(path: Path) -> Path | None:
+    """A GGUF model: a .gguf file, or a directory holding one GGUF (or split set) and no safetensors."""
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    if path.is_dir() and not (path / "config.json").exists() and not is_patch_dir(path):
+        from portllm_cli.core.gguf_port import gguf_in_dir
+
+        return gguf_in_dir(path, None)
+    return None
+
+
+def _diff_with_gguf(kind_a: str, obj_a: Any, disp_a: str, kind_b: str, obj_b: Any, disp_b: str) -> PatchModelDiff:
+    """A patch against a GGUF model: does it fit (the GGUF's own names and shapes)? Weight drift is
+    measured between safetensors models only."""
+    from portllm_cli.core.gguf_port import check_fit
+    from portllm_cli.errors import UnsupportedError
+
+    if kind_a == "model" and kind_b == "model":
+        raise UnsupportedError("diff compares a GGUF model with a patch only, not with another model",
+                               hint="diff the safetensors models, or give a patch and the GGUF")
+    patch_first = kind_a == "patch"
+    patch, pdisp, model, mdisp = (obj_a, disp_a, obj_b, disp_b) if patch_first else (obj_b, disp_b, obj_a, disp_a)
+    compat, _ = check_fit(patch, model, mdisp)
+    norms = {key: lowrank_norm(patch.modules[m].B, patch.modules[m].A, patch.modules[m].scale)
+             for m, key in compat.key_map.items()}
+    return PatchModelDiff(pdisp, mdisp, compat, patch.base_model, None,
+                          "weight drift from the patch's base is not measured on a GGUF model", None, norms, patch_first)
 
 
 def plot_layers(report: DiffReport, out: Path) -> Path:

@@ -211,15 +211,13 @@ def plan_configurations(
     models: list[_Model], patches: list[_Patch], only: list[str] | None
 ) -> tuple[list[_Config], list[dict[str, str]]]:
     """Each model alone, then each model with each patch that fits it; --only keeps exact names."""
-    from portllm_cli.core.compat import check_compatibility
-
     configs: list[_Config] = []
     skipped: list[dict[str, str]] = []
     fits_any: dict[str, list[str]] = {p.spec: [] for p in patches}
     for m in models:
         configs.append(_Config(m, None))
         for p in patches:
-            rep = check_compatibility(p.patch, m.ckpt)
+            rep = _fit(p.patch, m)
             if rep.compatible:
                 configs.append(_Config(m, p, dict(rep.key_map)))
             else:
@@ -254,6 +252,31 @@ def plan_configurations(
         order = {id(c): i for i, c in enumerate(configs)}
         configs = sorted(kept, key=lambda c: order[id(c)])
     return configs, skipped
+
+
+def _open_for_fit(path: Path, allow_pickle: bool) -> Any:
+    """What a patch is checked against: the checkpoint's names and shapes, or a GGUF's own."""
+    from portllm_cli.core.models import gguf_file
+    from portllm_cli.io.checkpoint import Checkpoint
+
+    name = gguf_file(path)
+    if name is not None:
+        from portllm_cli.core.gguf_port import open_target
+
+        return open_target(path if path.is_file() else path / name)
+    return Checkpoint.open(path, allow_pickle=allow_pickle)
+
+
+def _fit(patch: Any, m: _Model) -> Any:
+    from portllm_cli.core.compat import check_compatibility
+    from portllm_cli.io.checkpoint import Checkpoint
+
+    if isinstance(m.ckpt, Checkpoint):
+        return check_compatibility(patch, m.ckpt)
+    from portllm_cli.core.gguf_port import check_fit
+
+    # transformers' GGUF loader names the weights as the patch's modules (module.weight)
+    return check_fit(patch, m.ckpt, m.spec)[0]
 
 
 # -- tasks ------------------------------------------------------------------------------------
@@ -875,7 +898,6 @@ def evaluate(
     """Evaluate every model alone and with every patch that fits it, on every task."""
     from portllm_cli.core.models import check_causal_lm, resolve_device, torch_dtype
     from portllm_cli.io.atomic import atomic_output_dir, check_output
-    from portllm_cli.io.checkpoint import Checkpoint
     from portllm_cli.patch.format import read_patch
     from portllm_cli.resolve import resolve
 
@@ -899,7 +921,7 @@ def evaluate(
         res = resolve(spec, kind="model")
         # the checkpoint's names and shapes are what a patch is checked against; a model evaluated
         # without patches may also be a GGUF directory, which only the loader reads
-        ckpt = Checkpoint.open(res.path, allow_pickle=allow_pickle) if patches else None
+        ckpt = _open_for_fit(res.path, allow_pickle) if patches else None
         check_causal_lm(res.path, trust_remote_code, allow_pickle=allow_pickle)  # fail before any scoring
         loaded_models.append(_Model(spec, res.path, ckpt))
     loaded_patches = []

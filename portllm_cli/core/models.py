@@ -21,8 +21,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def gguf_file(path: Path) -> str | None:
-    """The GGUF file name to load when the directory has GGUF weights and no safetensors."""
+    """The GGUF file name to load: the file itself (a path to a .gguf), or the directory's one
+    GGUF file when it has GGUF weights and no safetensors."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.name
     if not path.is_dir() or any(path.glob("*.safetensors")):
         return None
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
@@ -62,9 +65,16 @@ def bf16_supported(device: str) -> bool:
     return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def _model_dir(path: Path) -> Path:
+    """The directory transformers loads from: a GGUF file's own directory (with gguf_file=)."""
+    return path.parent if path.is_file() and path.suffix == ".gguf" else path
+
+
 def _check_model_dir(path: Path, allow_pickle: bool) -> str | None:
     if not path.exists():
         raise NotFoundError(f"{path}: no such model directory")
+    if path.is_file() and path.suffix == ".gguf":
+        return path.name
     if not path.is_dir():
         raise InvalidInputError(f"{path}: expected a model directory, found a file")
     gguf = gguf_file(path)
@@ -131,7 +141,7 @@ def load_causal_lm(
         kwargs["use_safetensors"] = True
     try:
         with _quiet_gguf_bar() if gguf else contextlib.nullcontext():
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(_model_dir(path)), **kwargs)
     except ValueError as exc:
         msg = " ".join(str(exc).split())
         if "trust_remote_code" in msg:
@@ -185,7 +195,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+        tok = transformers.AutoTokenizer.from_pretrained(str(_model_dir(path)), **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         msg = " ".join(str(exc).split())
         raise InvalidInputError(f"{path}: cannot load the tokenizer ({msg[:160]})") from None
