@@ -992,9 +992,10 @@ def write_report(doc: dict[str, Any], path: Path, *, overwrite: bool = False) ->
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
     try:
+        from portllm_cli.io.strict_json import dumps
+
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, default=_default)
-            fh.write("\n")
+            fh.write(dumps(doc, default=_default) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

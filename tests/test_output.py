@@ -1,0 +1,65 @@
+"""The one JSON writer behind every --json document and eval's --output file: standard JSON only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+
+def _strict(text: str):
+    """Parse as a standard JSON parser would: the bare words NaN / Infinity are refused."""
+
+    def refuse(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+DOC = {
+    "loss": float("nan"),
+    "ratio": float("inf"),
+    "nested": {"low": float("-inf"), "ok": 0.5, "rows": [1.0, float("nan"), (2, float("inf"))]},
+    "path": Path("/tmp/x"),
+    "n": 3,
+    "flag": True,
+}
+
+
+def test_json_output_has_null_for_non_finite_numbers(capsys):
+    from portllm_cli.cli._output import Output
+
+    Output(json_mode=True).result(DOC, "human text")
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "Infinity" not in out
+    doc = _strict(out)
+    assert doc == {"loss": None, "ratio": None,
+                   "nested": {"low": None, "ok": 0.5, "rows": [1.0, None, [2, None]]},
+                   "path": "/tmp/x", "n": 3, "flag": True}
+
+
+def test_json_output_still_refuses_unknown_objects(capsys):
+    from portllm_cli.cli._output import Output
+
+    with pytest.raises(TypeError):
+        Output(json_mode=True).result({"x": object()})
+
+
+def test_eval_output_file_has_null_for_non_finite_numbers(tmp_path):
+    from portllm_cli.core.evaluate import write_report
+
+    path = tmp_path / "results.json"
+    write_report({"scores": {"sst2": {"value": float("nan"), "stderr": math.inf}}}, path)
+    assert _strict(path.read_text()) == {"scores": {"sst2": {"value": None, "stderr": None}}}
+
+
+def test_dumps_cleans_what_default_returns():
+    from portllm_cli.io.strict_json import dumps
+
+    class Odd:
+        pass
+
+    text = dumps({"x": Odd()}, default=lambda o: [float("nan"), "odd"])
+    assert _strict(text) == {"x": [None, "odd"]}
