@@ -31,7 +31,7 @@ from portllm_cli.errors import (
     UsageError,
 )
 from portllm_cli.patch.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
-from portllm_cli.resolve import Resolved, looks_like_repo_id, split_revision
+from portllm_cli.spec import Resolved, looks_like_repo_id, split_revision
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MODEL_CARD = "README.md"

@@ -769,7 +769,8 @@ def find_base(patch: Patch, *, allow_pickle: bool = False) -> tuple[Checkpoint |
     try:
         if local.exists():
             return Checkpoint.open(local, allow_pickle=allow_pickle), str(local), None
-        from portllm_cli.resolve import looks_like_repo_id, resolve
+        from portllm_cli.resolve import resolve
+        from portllm_cli.spec import looks_like_repo_id
 
         if not looks_like_repo_id(spec):
             return None, None, f"the patch's base {spec} is not on this machine"
@@ -901,7 +902,8 @@ def describe_dir(path: Path, limit: int = 8) -> str:
 
 def open_input(spec: str, *, allow_pickle: bool = False, verify: bool = True) -> tuple[str, Patch | Checkpoint, str]:
     """Resolve a diff argument and open it as a patch or a model: (kind, object, display)."""
-    from portllm_cli.resolve import looks_like_repo_id, resolve
+    from portllm_cli.resolve import resolve
+    from portllm_cli.spec import looks_like_repo_id
 
     if not Path(os.path.expanduser(spec)).exists() and not looks_like_repo_id(spec):
         raise NotFoundError(f"{spec}: no such model or patch directory")

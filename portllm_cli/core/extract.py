@@ -29,7 +29,8 @@ from portllm_cli.errors import (
 from portllm_cli.io.atomic import atomic_output_dir
 from portllm_cli.io.checkpoint import Checkpoint, text_config
 from portllm_cli.patch import format as pf
-from portllm_cli.resolve import Resolved, model_record, resolve
+from portllm_cli.resolve import model_record, resolve
+from portllm_cli.spec import Resolved
 
 if TYPE_CHECKING:
     import torch
