@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portllm_cli.core.progress import ProgressFn
+from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.errors import (
     HubError,
     IntegrityError,
@@ -31,7 +30,7 @@ from portllm_cli.errors import (
     UsageError,
 )
 from portllm_cli.patch.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
-from portllm_cli.spec import Resolved, looks_like_repo_id, split_revision
+from portllm_cli.spec import MODEL, MODEL_CONFIG, PATCH, Resolved, classify, classify_dir, looks_like_repo_id, split_revision
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MODEL_CARD = "README.md"
@@ -206,10 +205,6 @@ def _tqdm_bridge(progress: ProgressFn, label: str):
     return _Bridge
 
 
-def _no_progress(label: str, done: float, total: float | None) -> None:
-    return None
-
-
 def _evict(snapshot: Path, names: list[str]) -> None:
     """Remove files (and their cached blobs) from a cache snapshot so the next run downloads them again."""
     for name in names:
@@ -248,59 +243,133 @@ def _check_patch_download(path: Path, repo_id: str, commit: str) -> None:
             )
 
 
+def _patterns(kind: str, allow_pickle: bool, trust_remote_code: bool) -> list[str]:
+    if kind == PATCH:
+        return list(PATCH_FILES)
+    return list(MODEL_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else []) + (
+        list(CODE_PATTERNS) if trust_remote_code else []
+    )
+
+
+def repo_listing(repo_id: str, revision: str | None) -> tuple[str, list[str]]:
+    """(commit, file paths) of a Hub repo at a revision: one repo-info call, nothing downloaded."""
+    from huggingface_hub import HfApi
+
+    info = HfApi(endpoint=endpoint()).repo_info(repo_id, revision=revision)
+    assert info.sha is not None
+    return info.sha, [s.rfilename for s in (info.siblings or [])]
+
+
+def _cache_may_answer(exc: BaseException) -> bool:
+    """Errors after which the local cache is worth asking: no connection, or a Hub in trouble.
+
+    Not a missing repo or revision, nor a refused token: the cache must not hide those.
+    """
+    import httpx2
+    from huggingface_hub import errors as hf
+
+    if isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException, hf.OfflineModeIsEnabled)):
+        return True
+    if isinstance(exc, (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.GatedRepoError)):
+        return False
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return isinstance(exc, hf.HfHubHTTPError) and (status is None or status >= 500)
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str], *, cached_only: bool,
+              progress: ProgressFn) -> Path:
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(
+        repo_id,
+        revision=revision,
+        allow_patterns=patterns,
+        cache_dir=str(cache_dir()),
+        endpoint=endpoint(),
+        local_files_only=cached_only,
+        tqdm_class=_tqdm_bridge(progress, f"download {repo_id}"),  # never huggingface_hub's own bars
+    )
+    return Path(folder)
+
+
+def _check_kind(found: str | None, want: str | None, has_config: bool, repo_id: str, commit: str) -> str:
+    """The repo's kind, or the error that says why it is not what the caller needs."""
+    where = f"{repo_id}@{commit[:8]}"
+    if want == PATCH and found != PATCH:
+        more = ": it is a model repo" if found == MODEL else ""
+        hint = ("pass it where a model goes (--model, --to, --base)" if found == MODEL
+                else f"check the repo id and revision; publish one with 'portllm hub push PATCH {repo_id}'")
+        raise NotFoundError(f"{where} holds no patch (no {ADAPTER_CONFIG}){more}", hint=hint)
+    if want == MODEL or found == MODEL:
+        if found == PATCH:
+            raise NotFoundError(f"{where} has no config.json: not a transformers model repo (it holds a patch)",
+                                hint="pass it where a patch goes (--patch)")
+        if not has_config:
+            raise NotFoundError(f"{where} has no config.json: not a transformers model repo",
+                                hint="check the repo id and revision")
+    if found is None:
+        raise NotFoundError(
+            f"{where} is neither a model (no config.json or weights) nor a patch (no {ADAPTER_CONFIG})",
+            hint="check the repo id and revision",
+        )
+    return found
+
+
 def download(
     repo_id: str,
     *,
     revision: str | None = None,
-    kind: str = "model",
+    kind: str | None = None,
     spec: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: ProgressFn | None = None,
 ) -> Resolved:
-    """Download a model or patch repo into the Hugging Face cache and return where it is.
+    """Download a patch or model repo into the Hugging Face cache and return where it is.
 
-    Patches: only the patch files. Models: config, tokenizer, generation config and safetensors
-    weights (+ index); pickle weights only with ``allow_pickle``, code only with
-    ``trust_remote_code``. Under HF_HUB_OFFLINE=1 only the cache is used.
-    ``Resolved.revision`` is the commit the revision resolved to.
+    The repo's file list (one call) says what it is, by the rule local directories are judged by
+    (``spec.classify``); ``kind`` ("patch" or "model") is what the caller needs, None for either.
+    Only the files of that kind are fetched. Patches: the patch files, checked against the
+    manifest. Models: config, tokenizer, generation config and safetensors weights (+ index);
+    pickle weights only with ``allow_pickle``, code only with ``trust_remote_code``. Under
+    HF_HUB_OFFLINE=1, or when the Hub cannot be reached, the cache answers. Bytes are reported
+    to ``progress``; huggingface_hub never draws bars of its own. ``Resolved.revision`` is the
+    commit the revision resolved to.
     """
-    if kind not in ("model", "patch"):
-        raise ValueError(f"kind must be 'model' or 'patch', not {kind!r}")
-    from huggingface_hub import snapshot_download
-
-    if kind == "patch":
-        patterns = list(PATCH_FILES)
-    else:
-        patterns = list(MODEL_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else []) + (
-            list(CODE_PATTERNS) if trust_remote_code else []
-        )
-    kwargs: dict[str, Any] = {}
-    if progress is None and not sys.stderr.isatty():
-        progress = _no_progress  # huggingface_hub's own bars only where a person watches
-    if progress is not None:
-        kwargs["tqdm_class"] = _tqdm_bridge(progress, f"download {repo_id}")
+    if kind not in (None, MODEL, PATCH):
+        raise ValueError(f"kind must be 'model', 'patch' or None, not {kind!r}")
+    report = progress or no_progress
+    listing, api_error = None, None
+    if not offline():
+        try:
+            listing = repo_listing(repo_id, revision)
+        except Exception as exc:
+            if not _cache_may_answer(exc):
+                raise map_error(exc, repo_id=repo_id, revision=revision, action="download") from exc
+            api_error = exc
     try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=patterns,
-            cache_dir=str(cache_dir()),
-            endpoint=endpoint(),
-            local_files_only=offline(),
-            **kwargs,
-        )
+        if listing is not None:
+            commit, files = listing
+            found = _check_kind(classify(files), kind, MODEL_CONFIG in files, repo_id, commit)
+            # by the revision as given (not the commit), so the cache records where a branch or tag
+            # points and a later offline run finds it
+            path = _snapshot(repo_id, revision, _patterns(found, allow_pickle, trust_remote_code),
+                             cached_only=False, progress=report)
+            if path.name != commit:  # the branch moved between the listing and the download
+                found = _check_kind(classify_dir(path), kind, (path / MODEL_CONFIG).is_file(), repo_id, path.name)
+        else:  # the cache alone: what this revision's snapshot holds says what it is
+            path = _snapshot(repo_id, revision, [ADAPTER_CONFIG, MODEL_CONFIG], cached_only=True, progress=report)
+            found = _check_kind(classify_dir(path), kind, (path / MODEL_CONFIG).is_file(), repo_id, path.name)
+            path = _snapshot(repo_id, revision, _patterns(found, allow_pickle, trust_remote_code),
+                             cached_only=True, progress=report)
+    except PortllmError:
+        raise
     except Exception as exc:
-        raise map_error(exc, repo_id=repo_id, revision=revision, action="download") from exc
-    path = Path(folder)
+        failed = api_error if api_error is not None else exc  # the Hub's own answer says more
+        raise map_error(failed, repo_id=repo_id, revision=revision, action="download") from exc
     commit = path.name  # the cache's snapshot folder is named by the commit id
-    if kind == "patch":
+    if found == PATCH:
         _check_patch_download(path, repo_id, commit)
-    elif not (path / "config.json").is_file():
-        raise NotFoundError(
-            f"{repo_id}@{commit[:8]} has no config.json: not a transformers model repo",
-            hint="check the repo id and revision",
-        )
     return Resolved(spec or (f"{repo_id}@{revision}" if revision else repo_id), path, repo_id, commit)
 
 
@@ -599,9 +668,7 @@ def push_model(
 
 def push_result(path: Path, repo_id: str, **kwargs: Any) -> PushResult:
     """Push a finished output: a patch directory with push_patch, anything else as a model."""
-    from portllm_cli.patch.format import is_patch_dir
-
     path = Path(path)
-    if is_patch_dir(path):
+    if classify_dir(path) == PATCH:
         return push_patch(path, repo_id, **kwargs)
     return push_model(path, repo_id, **kwargs)

@@ -97,31 +97,31 @@ def extract(
     from portllm_cli.resolve import resolve
 
     o = Output(json_mode=json_out, quiet=quiet)
-    res = resolve(source, kind="patch", revision=revision)
-    mode = core.detect_source(res.path)
-    if mode == "adapter":
-        given = [f for f, v in (("--rank", rank), ("--energy", energy), ("--target-modules", target_modules)) if v is not None]
-        if given:
-            raise UsageError(
-                f"{', '.join(given)} only apply to a fine-tuned model; {source} is a LoRA adapter",
-                hint="drop them: an adapter's factors are copied as they are",
-            )
-        with o.progress() as progress:
+    with o.progress() as progress:
+        # one resolution: a Hub id's file list says whether it is an adapter or a model
+        res = resolve(source, revision=revision, progress=progress, allow_pickle=allow_pickle)
+        if res.kind == "patch":
+            given = [f for f, v in (("--rank", rank), ("--energy", energy), ("--target-modules", target_modules))
+                     if v is not None]
+            if given:
+                raise UsageError(
+                    f"{', '.join(given)} only apply to a fine-tuned model; {source} is a LoRA adapter",
+                    hint="drop them: an adapter's factors are copied as they are",
+                )
             result = core.extract_adapter(
                 res, out, base=base, overwrite=overwrite, base_check=not no_base_check, task=task,
                 allow_pickle=allow_pickle, progress=progress,
             )
-    else:
-        if base is None:
-            raise UsageError(f"{source} is a full model: --base is required to take the difference",
-                             hint="pass --base BASE_MODEL --rank R")
-        if (rank is None) == (energy is None):
-            raise UsageError("give exactly one of --rank and --energy", hint="e.g. --rank 16 or --energy 0.99")
-        if no_base_check:
-            raise UsageError("--no-base-check applies to adapters only; SVD extraction reads the base")
-        base_res = resolve(base, kind="model")
-        targets = target_modules.split(",") if target_modules is not None else None
-        with o.progress() as progress:
+        else:
+            if base is None:
+                raise UsageError(f"{source} is a full model: --base is required to take the difference",
+                                 hint="pass --base BASE_MODEL --rank R")
+            if (rank is None) == (energy is None):
+                raise UsageError("give exactly one of --rank and --energy", hint="e.g. --rank 16 or --energy 0.99")
+            if no_base_check:
+                raise UsageError("--no-base-check applies to adapters only; SVD extraction reads the base")
+            base_res = resolve(base, kind="model", progress=progress, allow_pickle=allow_pickle)
+            targets = target_modules.split(",") if target_modules is not None else None
             result = core.extract_svd(
                 res, base_res, out, rank=rank, energy=energy, target_modules=targets, dtype=dtype.value,
                 overwrite=overwrite, task=task, allow_pickle=allow_pickle, progress=progress,

@@ -84,10 +84,11 @@ def port(
 
     o = Output(json_mode=json_, quiet=quiet)
     core.check_scale(scale)
-    patch_res = resolve(patch, kind="patch")
-    target = resolve(to, kind="model", revision=revision)
-    common = dict(scale=scale, overwrite=overwrite, verify=verify, allow_pickle=allow_pickle, patch_source=patch_res)
     with o.progress() as progress:
+        patch_res = resolve(patch, kind="patch", progress=progress)
+        target = resolve(to, kind="model", revision=revision, progress=progress, allow_pickle=allow_pickle)
+        common = dict(scale=scale, overwrite=overwrite, verify=verify, allow_pickle=allow_pickle,
+                      patch_source=patch_res)
         if as_adapter:
             p = read_patch(patch_res.path, verify=not no_verify)
             result = core.port_adapter(p, target, out, progress=progress, **common)

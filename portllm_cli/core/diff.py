@@ -28,7 +28,8 @@ from portllm_cli.core.progress import ProgressFn
 from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError
 from portllm_cli.io.checkpoint import Checkpoint, architecture_fingerprint
 from portllm_cli.io.safetensors import DTYPES, TensorInfo, read_tensor
-from portllm_cli.patch.format import Patch, is_patch_dir, read_patch
+from portllm_cli.patch.format import Patch, read_patch
+from portllm_cli.spec import MODEL, PATCH
 
 if TYPE_CHECKING:
     import torch
@@ -760,7 +761,8 @@ class PatchModelDiff:
         }
 
 
-def find_base(patch: Patch, *, allow_pickle: bool = False) -> tuple[Checkpoint | None, str | None, str | None]:
+def find_base(patch: Patch, *, allow_pickle: bool = False,
+              progress: ProgressFn | None = None) -> tuple[Checkpoint | None, str | None, str | None]:
     """The patch's recorded base model when it can be had: (checkpoint, path, note)."""
     spec = patch.base_model
     if not spec:
@@ -774,7 +776,7 @@ def find_base(patch: Patch, *, allow_pickle: bool = False) -> tuple[Checkpoint |
 
         if not looks_like_repo_id(spec):
             return None, None, f"the patch's base {spec} is not on this machine"
-        res = resolve(spec, kind="model")
+        res = resolve(spec, kind="model", progress=progress, allow_pickle=allow_pickle)
         return Checkpoint.open(res.path, allow_pickle=allow_pickle), str(res.path), None
     except ImportError:
         return None, None, f"the patch's base {spec} is not local and Hub support is unavailable"
@@ -798,7 +800,7 @@ def diff_patch_model(
     compat = check_compatibility(patch, ckpt)
     base_path, note = None, None
     if base is None and find_base_model:
-        base, base_path, note = find_base(patch, allow_pickle=allow_pickle)
+        base, base_path, note = find_base(patch, allow_pickle=allow_pickle, progress=progress)
     elif base is not None:
         base_path = str(base.root)
     elif not find_base_model:
@@ -887,44 +889,18 @@ class DiffReport:
         return doc
 
 
-def describe_dir(path: Path, limit: int = 8) -> str:
-    """What a directory holds, for an error about it."""
-    try:
-        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    except OSError as exc:
-        return f"unreadable ({exc.strerror})"
-    if not entries:
-        return "an empty directory"
-    shown = ", ".join(entries[:limit])
-    more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
-    return f"{shown}{more}"
-
-
-def open_input(spec: str, *, allow_pickle: bool = False, verify: bool = True) -> tuple[str, Patch | Checkpoint, str]:
-    """Resolve a diff argument and open it as a patch or a model: (kind, object, display)."""
+def open_input(spec: str, *, allow_pickle: bool = False, verify: bool = True,
+               progress: ProgressFn | None = None) -> tuple[str, Patch | Checkpoint, str]:
+    """Resolve a diff argument by what it is and open it as a patch or a model: (kind, object, display)."""
     from portllm_cli.resolve import resolve
-    from portllm_cli.spec import looks_like_repo_id
 
-    if not Path(os.path.expanduser(spec)).exists() and not looks_like_repo_id(spec):
-        raise NotFoundError(f"{spec}: no such model or patch directory")
     try:
-        res = resolve(spec, kind="model")
+        res = resolve(spec, progress=progress, allow_pickle=allow_pickle)
     except ImportError:
         raise NotFoundError(f"{spec}: no such local directory (and Hub support is not installed)") from None
-    path = res.path
-    if not path.is_dir():
-        raise InvalidInputError(
-            f"{spec}: expected a model or patch directory, found a file ({path.name})",
-            hint="pass the directory that holds it",
-        )
-    if is_patch_dir(path):
-        return "patch", read_patch(path, verify=verify), res.display
-    has_weights = any(p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") for p in path.iterdir())
-    if (path / "config.json").exists() or has_weights:
-        return "model", Checkpoint.open(path, allow_pickle=allow_pickle), res.display
-    raise InvalidInputError(
-        f"{spec}: neither a model (no config.json or weights) nor a patch (no adapter_config.json); found: {describe_dir(path)}",
-    )
+    if res.kind == PATCH:
+        return PATCH, read_patch(res.path, verify=verify), res.display
+    return MODEL, Checkpoint.open(res.path, allow_pickle=allow_pickle), res.display
 
 
 def diff_paths(
@@ -937,8 +913,8 @@ def diff_paths(
     verify: bool = True,
 ) -> DiffReport:
     """Compare two models, two patches, or a patch and a model, detected from their files."""
-    kind_a, obj_a, disp_a = open_input(a, allow_pickle=allow_pickle, verify=verify)
-    kind_b, obj_b, disp_b = open_input(b, allow_pickle=allow_pickle, verify=verify)
+    kind_a, obj_a, disp_a = open_input(a, allow_pickle=allow_pickle, verify=verify, progress=progress)
+    kind_b, obj_b, disp_b = open_input(b, allow_pickle=allow_pickle, verify=verify, progress=progress)
     warnings = [w for o in (obj_a, obj_b) if isinstance(o, Patch) for w in o.warnings]
     result: ModelDiff | PatchDiff | PatchModelDiff
     if kind_a == "model" and kind_b == "model":

@@ -894,7 +894,8 @@ def evaluate(
 
     loaded_models = []
     for spec in models:
-        res = resolve(spec, kind="model")
+        res = resolve(spec, kind="model", progress=report, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code)
         # the checkpoint's names and shapes are what a patch is checked against; a model evaluated
         # without patches may also be a GGUF directory, which only the loader reads
         ckpt = Checkpoint.open(res.path, allow_pickle=allow_pickle) if patches else None
@@ -902,7 +903,7 @@ def evaluate(
         loaded_models.append(_Model(spec, res.path, ckpt))
     loaded_patches = []
     for spec in patches:
-        res = resolve(spec, kind="patch")
+        res = resolve(spec, kind="patch", progress=report)
         loaded_patches.append(_Patch(spec, read_patch(res.path)))
     configs, skipped = plan_configurations(loaded_models, loaded_patches, only)
 

@@ -506,7 +506,7 @@ def finetune(
     recipe = get_recipe(task)
     out = Path(out)
     ckpt_root = checkpoint_dir_for(out)
-    res = resolve(model, kind="model", revision=revision)
+    res = resolve(model, kind="model", revision=revision, progress=progress, trust_remote_code=trust_remote_code)
     data_path = Path(data) if data is not None else None
     check_output(out, overwrite=overwrite, inputs=tuple(p for p in (res.path, data_path) if p is not None))
     if resume:

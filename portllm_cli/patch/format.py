@@ -140,10 +140,6 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def is_patch_dir(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file()
-
-
 # -- reading --------------------------------------------------------------------------------
 # LoraConfig fields (PEFT 0.21) that portllm understands or that do not change the merged weights.
 KNOWN_CONFIG_KEYS = frozenset(
