@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 from portllm_cli.core.compat import CompatReport, check_compatibility, weight_key_for
 from portllm_cli.core.progress import ProgressFn
 from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError
-from portllm_cli.io.checkpoint import Checkpoint, architecture_fingerprint
+from portllm_cli.io.checkpoint import STRUCTURAL_FIELDS, Checkpoint, architecture_fingerprint
 from portllm_cli.io.safetensors import DTYPES, TensorInfo, read_tensor
 from portllm_cli.patch.format import Patch, read_patch
 from portllm_cli.spec import MODEL, PATCH
@@ -41,18 +41,6 @@ if TYPE_CHECKING:
 CHUNK_ELEMENTS = 4 << 20
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp", "embeddings", "lm_head", "norms", "other")
-# Fingerprint fields whose difference makes two models different architectures (a grown
-# vocabulary or an untied head is a change within one architecture, reported but not fatal).
-STRUCTURAL_FIELDS = (
-    "model_type",
-    "architectures",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "head_dim",
-)
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)(?:\.|$)")
 _MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3", "mlp"}

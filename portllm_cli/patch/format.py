@@ -29,7 +29,7 @@ from portllm_cli.errors import (
     UnsafeInputError,
     UnsupportedError,
 )
-from portllm_cli.io.checkpoint import read_json
+from portllm_cli.io.checkpoint import ARCH_INT_FIELDS, read_json
 from portllm_cli.io.safetensors import parse_snapshot, read_snapshot, save_tensors
 
 if TYPE_CHECKING:
@@ -370,8 +370,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         if not isinstance(fp, dict):
             raise InvalidInputError(f"{where}: 'fingerprint' must be an object")
         _check_type(fp, "model_type", (str,), f"{where}.fingerprint", "a string")
-        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "intermediate_size", "vocab_size", "head_dim"):
+        for k in ARCH_INT_FIELDS:
             _check_type(fp, k, (int,), f"{where}.fingerprint", "an integer")
         mods = fp.get("modules")
         if mods is not None and (
