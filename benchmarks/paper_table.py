@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from portllm_cli.core import material
+    from portllm_cli.io.home import portllm_home
     from portllm_cli.core.demo import head_jsonl, _quiet_libraries
     from portllm_cli.core.models import resolve_device
 
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = SCALES[args.scale]
     if args.scale == "reference" and not device.startswith("cuda"):
         log("warning: the reference scale on a CPU takes days; use --scale small or medium here")
-    work = args.workdir or material.home() / "paper-table" / args.scale
+    work = args.workdir or portllm_home() / "paper-table" / args.scale
     work.mkdir(parents=True, exist_ok=True)
 
     def notify(n: Any) -> None:

@@ -220,7 +220,8 @@ def _evict(snapshot: Path, names: list[str]) -> None:
 
 def _check_patch_download(path: Path, repo_id: str, commit: str) -> None:
     """A downloaded patch must exist and match its manifest; a corrupted copy leaves the cache."""
-    from portllm_cli.patch.format import read_manifest, sha256_file
+    from portllm_cli.io.hashing import sha256_file
+    from portllm_cli.patch.format import read_manifest
 
     where = f"{repo_id}@{commit[:8]}"
     if not (path / ADAPTER_CONFIG).is_file():
@@ -408,7 +409,8 @@ def pull_patch(
 ) -> PullResult:
     """Download a patch (only its files), verify it, and optionally copy it into ``out``."""
     from portllm_cli.io.atomic import atomic_output_dir, copy_file
-    from portllm_cli.patch.format import read_patch, sha256_file
+    from portllm_cli.io.hashing import sha256_file
+    from portllm_cli.patch.format import read_patch
 
     repo_id, rev = parse_repo_spec(spec, revision)
     if out is not None:

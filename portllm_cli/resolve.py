@@ -7,10 +7,7 @@ downloads only what the repo is (a patch or a model).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -77,64 +74,13 @@ def _refuse_unknown(spec: str, path: Path) -> None:
     )
 
 
-# -- content hashes of local models (cached: hashing a large model is not free) ----------------
-def _cache_dir() -> Path:
-    root = os.environ.get("PORTLLM_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "portllm"
-    )
-    return Path(root)
-
-
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, cached by (path, size, mtime) under the portllm cache directory."""
-    try:
-        st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    except OSError as exc:
-        raise InvalidInputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
-    cache = _cache_dir() / "hashes" / key
-    try:
-        cached = cache.read_text().strip()
-        if _HEX64.match(cached):  # a damaged cache entry is recomputed, never trusted
-            return cached
-    except (OSError, UnicodeDecodeError):
-        pass
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while block := fh.read(16 << 20):
-                h.update(block)
-    except OSError as exc:
-        raise InvalidInputError(f"{path}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
-    digest = h.hexdigest()
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(digest)
-    except OSError:
-        pass  # a read-only home is no reason to fail
-    return digest
-
-
-def content_hash(files: list[Path]) -> str:
-    """A hash of a model's weights: sha256 over the sorted (file name, file sha256) pairs."""
-    h = hashlib.sha256()
-    for f in sorted(files, key=lambda p: p.name):
-        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
-    return "sha256:" + h.hexdigest()
-
-
+# -- the manifest's record of a model ----------------------------------------------------------
 def model_record(res: Resolved, ckpt: Any, module_shapes: dict[str, list[int]] | None = None, *, hash_weights: bool = True) -> dict[str, Any]:
     """The manifest's record of a model: id, revision or content hash, architecture fingerprint."""
     from portllm_cli.io.checkpoint import architecture_fingerprint
+    from portllm_cli.io.hashing import content_hash
 
     rec: dict[str, Any] = {"model": res.record_id, "revision": res.revision}
     rec["content_hash"] = content_hash(list(ckpt.files)) if hash_weights else None
     rec["fingerprint"] = architecture_fingerprint(ckpt.config, module_shapes)
     return rec
-
-
-def dumps(doc: Any) -> str:
-    return json.dumps(doc, indent=2, sort_keys=False)

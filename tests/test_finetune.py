@@ -96,7 +96,7 @@ def test_loss_goes_down_and_patch_loads_in_peft(trained, llama_dir, sst2_file):
 def test_manifest_records_base_data_and_hyperparameters(trained, llama_dir, sst2_file):
     from portllm_cli.io.checkpoint import Checkpoint
     from portllm_cli.patch.format import read_patch
-    from portllm_cli.resolve import content_hash
+    from portllm_cli.io.hashing import content_hash
 
     patch = read_patch(trained.out)  # sha256 of the weights verified against the manifest
     m = patch.manifest

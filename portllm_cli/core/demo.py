@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from portllm_cli.core.material import Notice, NotifyFn, home
+from portllm_cli.core.material import Notice, NotifyFn
 from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.errors import PortllmError, UsageError
+from portllm_cli.io.home import portllm_home
 
 TASK = "sst2"  # the sst2 recipe's prompt and choices; the data is Pang & Lee sentence polarity
 STAGE_VERSION = 1  # bump when a stage's meaning changes, so older caches are not reused
@@ -167,7 +168,7 @@ def share_of_gain(base: float | None, patched: float | None, evolved: float | No
 
 
 def default_workdir() -> Path:
-    return home() / "demo"
+    return portllm_home() / "demo"
 
 
 def _key(*parts: Any) -> str:

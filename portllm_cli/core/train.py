@@ -324,7 +324,8 @@ def _resolve_targets(model: Any, targets: Sequence[str]) -> list[str]:
 
 def _base_record(res: Any, model: Any, shapes: dict[str, list[int]]) -> dict[str, Any]:
     from portllm_cli.io.checkpoint import Checkpoint, architecture_fingerprint
-    from portllm_cli.resolve import content_hash, model_record
+    from portllm_cli.io.hashing import content_hash
+    from portllm_cli.resolve import model_record
 
     gguf = _models.gguf_file(res.path)
     if gguf is None:

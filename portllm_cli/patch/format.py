@@ -12,7 +12,6 @@ The manifest (``format: portllm-patch``, ``format_version: 1``) is specified in 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from portllm_cli.errors import (
     UnsupportedError,
 )
 from portllm_cli.io.checkpoint import ARCH_INT_FIELDS, read_json
+from portllm_cli.io.hashing import sha256_file
 from portllm_cli.io.safetensors import parse_snapshot, read_snapshot, save_tensors
 
 if TYPE_CHECKING:
@@ -117,15 +117,6 @@ class Patch:
 
     def touches_embeddings(self) -> bool:
         return any(m.kind == "embedding" or "embed" in m.name or "lm_head" in m.name for m in self.modules.values())
-
-
-# -- hashing --------------------------------------------------------------------------------
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def now_iso() -> str:
