@@ -63,3 +63,23 @@ def test_dumps_cleans_what_default_returns():
 
     text = dumps({"x": Odd()}, default=lambda o: [float("nan"), "odd"])
     assert _strict(text) == {"x": [None, "odd"]}
+
+
+# -- atomic single-file writes (plots, results files, cached downloads) ---------------------------
+def test_atomic_output_file_replaces_only_when_complete(tmp_path):
+    from portllm_cli.io.atomic import TMP_MARK, _host_tag, atomic_output_file, write_file_atomic
+
+    target = tmp_path / "results.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    write_file_atomic(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    # what a killed run (a process that is gone) left is removed by the next write
+    stale = tmp_path / f".results.json{TMP_MARK}999999999-{_host_tag()}-0000"
+    stale.write_text("left by a killed run")
+    write_file_atomic(target, b"bytes")
+    assert target.read_bytes() == b"bytes" and not stale.exists()

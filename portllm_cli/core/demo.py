@@ -30,6 +30,7 @@ from typing import Any, Callable
 from portllm_cli.core.material import Notice, NotifyFn
 from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.errors import PortllmError, UsageError
+from portllm_cli.io.atomic import write_file_atomic
 from portllm_cli.io.home import portllm_home
 
 TASK = "sst2"  # the sst2 recipe's prompt and choices; the data is Pang & Lee sentence polarity
@@ -198,9 +199,7 @@ def fetch_material(sizes: DemoSizes, notify: NotifyFn, progress: ProgressFn) -> 
 def head_jsonl(src: Path, n: int, dst: Path) -> int:
     """The first n rows of a JSONL file (the splits are pre-shuffled and balanced, so a prefix is too)."""
     lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()][:n]
-    tmp = dst.with_name(dst.name + ".part")
-    tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
-    tmp.replace(dst)
+    write_file_atomic(dst, "".join(ln + "\n" for ln in lines))
     return len(lines)
 
 
@@ -333,9 +332,7 @@ def run_demo(
                           only=list(configs.values()), progress=progress)
         by_name = {r.name: r.scores.get(TASK, {}) for r in report.rows}
         scores = {k: by_name.get(name, {}) for k, name in configs.items()}
-        tmp = eval_file.with_name(eval_file.name + ".part")
-        tmp.write_text(json.dumps(scores, indent=2))
-        tmp.replace(eval_file)
+        write_file_atomic(eval_file, json.dumps(scores, indent=2))
     stages.append({"stage": "evaluation", "seconds": round(time.perf_counter() - t, 2), "cached": cached,
                    "out": str(eval_file)})
 

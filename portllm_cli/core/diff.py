@@ -953,13 +953,10 @@ def plot_layers(report: DiffReport, out: Path) -> Path:
         ax.set_title(f"portllm diff: {report.verdict_text}"[:110], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
+        from portllm_cli.io.atomic import atomic_output_file
+
+        with atomic_output_file(out) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     finally:
         plt.close(fig)
     return out

@@ -989,18 +989,8 @@ def check_report_path(path: Path, *, overwrite: bool) -> None:
 
 def write_report(doc: dict[str, Any], path: Path, *, overwrite: bool = False) -> None:
     """Write the JSON document atomically: a temporary sibling, fsynced, then renamed."""
-    check_report_path(path, overwrite=overwrite)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    try:
-        from portllm_cli.io.strict_json import dumps
+    from portllm_cli.io.atomic import write_file_atomic
+    from portllm_cli.io.strict_json import dumps
 
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(dumps(doc, default=_default) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    check_report_path(path, overwrite=overwrite)
+    write_file_atomic(Path(path), dumps(doc, default=_default) + "\n")

