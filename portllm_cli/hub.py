@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portllm_cli.core.progress import ProgressFn, no_progress
+from portllm_cli.core.progress import ProgressFn, no_progress, silenced_tqdm
 from portllm_cli.errors import (
     HubError,
     IntegrityError,
@@ -189,10 +189,9 @@ def _tqdm_bridge(progress: ProgressFn, label: str):
     """A tqdm class for huggingface_hub that draws nothing itself and reports bytes to ``progress``."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    class _Bridge(hf_tqdm):  # type: ignore[misc, valid-type]
+    class _Bridge(silenced_tqdm(hf_tqdm)):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             self._report = kwargs.get("name") == "huggingface_hub.snapshot_download"
-            kwargs["disable"] = True
             super().__init__(*args, **kwargs)
             self._done = 0
 

@@ -88,12 +88,11 @@ def finetune(
     """Fine-tune a LoRA patch (or, with --full, a whole model) on a task."""
     import warnings
 
-    import transformers
-
     from portllm_cli.core import train
+    from portllm_cli.core.progress import silence_library_bars
     from portllm_cli.core.tasks import parse_label_map
 
-    transformers.utils.logging.disable_progress_bar()  # our own bar shows each phase
+    silence_library_bars()  # our own bar shows each phase
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for users
     o = Output(json_mode=json_out, quiet=quiet)
     with o.progress() as progress:

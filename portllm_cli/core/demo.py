@@ -362,7 +362,9 @@ def _quiet_libraries() -> None:
 
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
+    from portllm_cli.core.progress import silence_library_bars
+
+    silence_library_bars()
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -608,7 +608,7 @@ def _quiet_lm_eval() -> Iterator[None]:
 
     from tqdm.std import tqdm as _tqdm
 
-    from portllm_cli.core.progress import silenced_tqdm
+    from portllm_cli.core.progress import silence_library_bars, silenced_tqdm
 
     silent_tqdm = silenced_tqdm(_tqdm)
     swapped = []
@@ -617,18 +617,7 @@ def _quiet_lm_eval() -> Iterator[None]:
         if isinstance(cls, type) and issubclass(cls, _tqdm):
             swapped.append((mod, cls))
             mod.tqdm = silent_tqdm
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
-    try:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
+    silence_library_bars()
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield
