@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from portllm_cli.cli.app import app
 from portllm_cli.core import tasks, train
-from portllm_cli.errors import Interrupted
+from portllm_cli.errors import Interrupted, UsageError
 from tests import real, tiny
 
 SENTENCES = tiny.SENTENCES
@@ -474,3 +474,17 @@ def test_hub_rows_go_through_the_same_validation(monkeypatch):
     with pytest.raises(Exception, match="no '_' blank"):
         tasks.get_recipe("winogrande").example(tasks.load_rows(tasks.get_recipe("winogrande"), None)[0])
     assert calls[-1] == ("allenai/winogrande", "winogrande_xl", "train")
+
+
+def test_config_is_built_once_from_the_command_options():
+    from portllm_cli.cli._options import Dtype
+    from portllm_cli.core.config import FinetuneConfig
+
+    cfg = FinetuneConfig.from_options({"target_modules": "q_proj, v_proj,,o_proj", "label_map": "-1=negative,1=positive",
+                                       "dtype": Dtype.float32, "rank": 4, "json_out": True, "model": "./m"})
+    assert cfg.target_modules == ("q_proj", "v_proj", "o_proj") and cfg.rank == 4 and cfg.dtype == "float32"
+    assert dict(cfg.label_map) == {"-1": "negative", "1": "positive"} and cfg.lr == FinetuneConfig().lr
+    with pytest.raises(UsageError, match="--rank must be at least 1"):
+        FinetuneConfig.build(cfg, {"rank": 0})
+    with pytest.raises(TypeError, match="unknown FinetuneConfig settings: rnak"):
+        FinetuneConfig.build(None, {"rnak": 4})
