@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
-    from portllm_cli.core.evaluate import load_local_task, write_local_tasks
+    from portllm_cli.core.harness import load_local_task, write_local_tasks
 
     with tempfile.TemporaryDirectory(prefix="portllm-eval-bench-") as tmp:
         work = Path(tmp)
