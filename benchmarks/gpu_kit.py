@@ -112,7 +112,7 @@ def fetch_wheels(dest: Path, python_version: str) -> list[str]:
 
 def material_files() -> tuple[Path, list[Path]]:
     """(PORTLLM_HOME, the cached files the GPU steps read), made or fetched here first if missing."""
-    from portllm_cli.core import material
+    from portllm_cli.demo import material
     from portllm_cli.io.home import portllm_home
 
     def notify(n) -> None:
@@ -315,7 +315,7 @@ def device(args: argparse.Namespace) -> int:
             doc["kit_wall_s"] = round(wall, 1)  # the whole command, interpreter start and SmolLM2 conversion included
             (out / "demo.json").write_text(json.dumps(doc, indent=2) + "\n")
     if "bench" in wanted:
-        model = subprocess.run([py, "-c", "from portllm_cli.core import material; print(material.smollm2_dir())"],
+        model = subprocess.run([py, "-c", "from portllm_cli.demo import material; print(material.smollm2_dir())"],
                                check=True, cwd=REPO, env=r.env, capture_output=True, text=True).stdout.strip()
         bench = ["--steps", "4", "--batch-size", "4"] if args.smoke else ["--steps", "200", "--batch-size", "16"]
         rc, _ = r.run("finetune_bench", [py, "benchmarks/finetune_bench.py", "--model", model, *bench, "--json"],

