@@ -251,7 +251,7 @@ def run_seed(seed: int, sc: dict[str, Any], mat: Any, work: Path, device: str) -
             # ratio is then infinite, and the fairer figure is finetune's GPU peak over port's RSS
             "ratio_finetune_over_port": (ft_mem / port_mem) if port_mem else ("inf" if cuda else None),
             "ratio_finetune_over_port_rss": ft_mem / port["subprocess"]["peak_rss_bytes"],
-            "finetune_wall_s": ft_evo.get("process_wall_s", ft_evo["wall_s"]), "port_wall_s": port["subprocess"]["wall_s"],
+            "finetune_wall_s": ft_evo.get("process_wall_s", ft_evo.get("seconds")), "port_wall_s": port["subprocess"]["wall_s"],
         },
     }
 

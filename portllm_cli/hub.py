@@ -383,7 +383,7 @@ class PullResult:
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "repo_id": self.repo_id, "revision": self.revision,
+        return {"out": str(self.path), "repo_id": self.repo_id, "revision": self.revision,
                 "files": self.files, "verified": self.verified, "warnings": self.warnings}
 
 

@@ -292,7 +292,7 @@ def test_plot_is_a_valid_png(llama_dir, llama_evolved_dir, tmp_path):
     png = tmp_path / "drift.png"
     res = invoke(llama_dir, llama_evolved_dir, "--plot", png, "--json")
     assert res.exit_code == 0, res.stderr
-    assert json.loads(res.stdout)["plot"] == str(png)
+    assert json.loads(res.stdout)["out"] == str(png)  # the key was "plot" before one scheme for all commands
     assert png.read_bytes()[:8] == PNG_MAGIC
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100

@@ -186,8 +186,9 @@ def test_cli_json_summary(tmp_path, llama_dir, sst2_file):
                                  "--target-modules", "q_proj,k_proj,o_proj", "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["patch"] == str(out) and doc["steps"] == 2 and doc["tokens_per_s"] > 0
-    assert doc["peak_memory_bytes"] > 0 and doc["wall_s"] > 0 and doc["final_loss"] > 0
+    # (the keys were "patch" / "model" and "wall_s" before one scheme for every command)
+    assert doc["out"] == str(out) and doc["full"] is False and doc["steps"] == 2 and doc["tokens_per_s"] > 0
+    assert doc["peak_memory_bytes"] > 0 and doc["seconds"] > 0 and doc["final_loss"] > 0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 2 and cfg["target_modules"] == ["k_proj", "o_proj", "q_proj"]
 

@@ -87,7 +87,8 @@ def test_push_then_pull_is_byte_identical(hub, patch_dir, tmp_path):
     r = run("hub", "pull", "alice/sst2-patch", "--out", str(out), "--json")
     assert r.exit_code == 0, r.stderr
     pulled = json.loads(r.stdout)
-    assert pulled["path"] == str(out) and pulled["revision"] == doc["commit_id"] and pulled["verified"] is True
+    # (the key was "path" before one scheme for every command)
+    assert pulled["out"] == str(out) and pulled["revision"] == doc["commit_id"] and pulled["verified"] is True
     got = tree_bytes(out)
     assert set(got) == {"adapter_config.json", "adapter_model.safetensors", "portllm.json", "README.md"}
     for name, data in tree_bytes(patch_dir).items():

@@ -83,3 +83,34 @@ def test_atomic_output_file_replaces_only_when_complete(tmp_path):
     stale.write_text("left by a killed run")
     write_file_atomic(target, b"bytes")
     assert target.read_bytes() == b"bytes" and not stale.exists()
+
+
+# -- one scheme of top-level keys for every command's --json (README: "Conventions") -------------
+def test_every_command_result_has_out_seconds_and_warnings(tmp_path):
+    from portllm_cli.core.evaluate import EvalReport
+    from portllm_cli.core.extract import ExtractResult
+    from portllm_cli.core.port import PortResult
+    from portllm_cli.core.train import FinetuneResult
+    from portllm_cli.demo.run import DemoResult, DemoSizes
+    from portllm_cli.hub import PullResult
+
+    out = tmp_path / "out"
+    docs = {
+        "finetune": FinetuneResult(out=out, steps=1, epochs=1.0, final_loss=0.5, losses=[0.5], tokens_per_s=1.0,
+                                   peak_memory_bytes=1, peak_memory_kind="cpu_max_rss", wall_s=2.0, examples=1,
+                                   trainable_params=1, full=True).summary(),
+        "port": PortResult(out, "merged", "p", "t", 1, 1, 2.0, 1.0).as_dict(),
+        "extract": ExtractResult(out, "adapter", 1, 4, {"m": 4}, "base").as_dict(),
+        "hub pull": PullResult(out, "alice/p", "0" * 40, [], True).as_dict(),
+        "eval": EvalReport([], [], ["sst2"], elapsed_s=2.0).as_dict(),
+        "demo": DemoResult([], None, None, None, DemoSizes.for_device("cpu"), {}, {}, [], 2.0, out).as_dict(),
+    }
+    for command, doc in docs.items():
+        assert isinstance(doc["warnings"], list), command
+        if command != "eval":  # eval's "out" is its --output file, set by the command line
+            assert doc["out"] == str(out), command
+        if command not in ("extract", "hub pull"):
+            assert doc["seconds"] == 2.0, command
+        for old in ("path", "wall_s", "elapsed_s", "workdir", "plot"):
+            assert old not in doc, (command, old)
+    assert docs["finetune"]["full"] is True and "model" not in docs["finetune"]

@@ -163,9 +163,9 @@ def diff(
         out.warn(w)
     for t in _tables(report, top):
         out.stderr_renderable(t)
-    doc = report.as_dict()
+    doc = {"out": None, **report.as_dict()}
     if plot is not None:
-        doc["plot"] = str(plot_layers(report, plot))
+        doc["out"] = str(plot_layers(report, plot))
         out.info(f"Wrote {plot}")
     out.result(doc, f"{report.verdict_text}")
     if report.incompatible:

@@ -151,7 +151,7 @@ def eval_command(
         report = core.evaluate(model, patch or [], task_list, config, progress=progress)
     for s in report.skipped:
         out.info(f"skipped {s['model']}+{s['patch']}: {s['reason']}")
-    doc = report.as_dict()
+    doc = {"out": str(output) if output is not None else None, **report.as_dict()}
     if output is not None:
         core.write_report(doc, output, overwrite=overwrite)
         out.info(f"wrote {output}")

@@ -111,7 +111,8 @@ class EvalReport:
             "skipped": self.skipped,
             "settings": self.settings,
             "log_samples": str(self.log_samples_dir) if self.log_samples_dir else None,
-            "elapsed_s": round(self.elapsed_s, 3),
+            "seconds": round(self.elapsed_s, 3),
+            "warnings": [],
         }
 
 

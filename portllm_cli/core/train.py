@@ -72,9 +72,9 @@ class FinetuneResult:
     is_main_process: bool = True
 
     def summary(self) -> dict[str, Any]:
-        kind = "model" if self.full else "patch"
         return {
-            kind: str(self.out),
+            "out": str(self.out),  # the patch, or with full the model directory
+            "full": self.full,
             "steps": self.steps,
             "epochs": round(self.epochs, 4),
             "final_loss": self.final_loss,
@@ -82,12 +82,13 @@ class FinetuneResult:
             "tokens_per_s": round(self.tokens_per_s, 2),
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory_kind": self.peak_memory_kind,
-            "wall_s": round(self.wall_s, 3),
+            "seconds": round(self.wall_s, 3),
             "examples": self.examples,
             "trainable_params": self.trainable_params,
             "resumed_from": self.resumed_from,
             "device": self.device,
             "num_processes": self.num_processes,
+            "warnings": [],
         }
 
 

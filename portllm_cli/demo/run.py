@@ -145,9 +145,10 @@ class DemoResult:
             "checks": self.checks,
             "artifacts": {k: str(v) for k, v in self.artifacts.items()},
             "stages": self.stages,
-            "wall_s": round(self.wall_s, 2),
-            "workdir": str(self.workdir),
+            "seconds": round(self.wall_s, 2),
+            "out": str(self.workdir),  # the work directory: every stage's output is under it
             "notes": self.notes,
+            "warnings": [],
         }
 
 
