@@ -234,33 +234,29 @@ def _fsync_tree(root: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             p = os.path.join(dirpath, name)
-            if os.path.islink(p):
-                continue
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                if exc.errno in _NO_SPACE or exc.errno == errno.EIO:
-                    raise  # delayed write-back failures surface here: the output is not intact
-            finally:
-                os.close(fd)
+            if not os.path.islink(p):
+                _fsync(p, report=True)
         _fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: str | Path, *, report: bool) -> None:
+    """Flush one file or directory to disk. With ``report``, a delayed write-back failure (disk full,
+    I/O error) is raised: the output is not intact. Anything else is ignored."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if report and (exc.errno in _NO_SPACE or exc.errno == errno.EIO):
+            raise
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync(path, report=False)
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -282,11 +278,7 @@ def atomic_output_file(path: Path) -> Iterator[Path]:
     tmp = path.parent / f"{_tmp_prefix(path)}{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp, report=True)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
