@@ -21,6 +21,7 @@ Examples:
   portllm diff ./llama-3-8b ./llama-3.1-8b --plot drift.png
   portllm diff ./sst2.patch ./sst2-v2.patch --json         # residual, angles
   portllm diff ./sst2.patch ./llama-3.1-8b                 # fits? exit 3 if not
+  portllm diff team/sst2-patch ./llama-3.1-8b              # a Hub id: a patch or a model, by its files
 
 Exit codes: 0 compared (differences are findings), 1 unreadable input,
 3 patch and model incompatible, 4 corrupt or truncated weights.

@@ -35,6 +35,9 @@ Examples:
   # the smallest rank per module that keeps 99% of each delta's spectrum, only q/v projections
   portllm extract ./ft --base ./base --energy 0.99 --target-modules q_proj,v_proj --json --out ./p
 
+  # a fine-tuned model on the Hub (its file list says it is a model, not an adapter)
+  portllm extract someone/smollm2-sst2-full --base ./SmolLM2-135M --rank 16 --out ./sst2.patch
+
   # extract and publish in one go
   portllm extract ./my-lora --out ./sst2.patch --push-to-hub me/sst2-patch
 """
@@ -51,7 +54,8 @@ def extract(
         str,
         typer.Argument(
             metavar="SOURCE",
-            help="A PEFT LoRA adapter directory, or a fully fine-tuned model directory (then --base and --rank/--energy).",
+            help="A PEFT LoRA adapter, or a fully fine-tuned model (then --base and --rank/--energy): a directory, "
+            "user/repo or user/repo@revision.",
             show_default=False,
         ),
     ],
