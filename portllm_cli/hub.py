@@ -260,19 +260,15 @@ def repo_listing(repo_id: str, revision: str | None) -> tuple[str, list[str]]:
 
 
 def _cache_may_answer(exc: BaseException) -> bool:
-    """Errors after which the local cache is worth asking: no connection, or a Hub in trouble.
-
-    Not a missing repo or revision, nor a refused token: the cache must not hide those.
-    """
+    """Errors after which the local cache is asked, as ``snapshot_download`` itself does: no
+    connection, or an HTTP error (a Hub in trouble, a token that no longer works). Not a revision
+    the Hub says does not exist. When the cache has nothing either, the Hub's error is reported."""
     import httpx2
     from huggingface_hub import errors as hf
 
-    if isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException, hf.OfflineModeIsEnabled)):
-        return True
-    if isinstance(exc, (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.GatedRepoError)):
+    if isinstance(exc, hf.RevisionNotFoundError):
         return False
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    return isinstance(exc, hf.HfHubHTTPError) and (status is None or status >= 500)
+    return isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException, hf.OfflineModeIsEnabled, hf.HfHubHTTPError))
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str], *, cached_only: bool,
