@@ -153,7 +153,7 @@ def austen_text(deb: Path) -> str:
     with tempfile.TemporaryDirectory(prefix="portllm-austen-") as tmp:
         dpkg = shutil.which("dpkg-deb")
         if dpkg is None:
-            from portllm_cli.core.material import _deb_members
+            from portllm_cli.demo.material import _deb_members
 
             _deb_members(deb, lambda rel: rel.startswith(DATA_DIR), Path(tmp))
         else:
@@ -168,7 +168,7 @@ def austen_text(deb: Path) -> str:
 
 def austen_corpus(max_bytes: int, notify: Any = None) -> Path:
     """The first ``max_bytes`` of the six novels (cut at a line end), cached under the material home."""
-    from portllm_cli.core import material
+    from portllm_cli.demo import material
 
     base = material.home() / "data" / "austen"
     out = base / f"corpus-{max_bytes}.txt"

@@ -18,7 +18,7 @@ of the share on each figure (the raw material for a forecast; none is printed he
 The three data sets are disjoint by text: LoRA training rows, calibration rows (the first rows of
 the training pool after those used to train) and test rows (the held-out split). Every step is
 portllm's own code: core.train (finetune, continued pretraining), core.calibrate (calibrate_loaded,
-ScaledPatch: the merge `port` writes, applied in memory), core.evaluate (evaluate_loaded: lm-eval on
+ScaledPatch: the merge `port` writes, applied in memory), core.evaluate (score_loaded: lm-eval on
 the live model) and core.diff (diff_paths). The evolved model is loaded once per run for the
 calibration and the four evaluations.
 
@@ -156,7 +156,7 @@ def task_splits(work: Path, sc: dict[str, Any], task_data: Path | None, notify: 
         train, cal, test = split_three(rows[n_test:], rows[:n_test], sc["train"], sc["calibration"], n_test)
         source = {"task_data": str(Path(task_data).resolve())}
     else:
-        from portllm_cli.core import material
+        from portllm_cli.demo import material
 
         pol = material.polarity_data(notify, n_test=1000, seed=0)
 
@@ -179,13 +179,13 @@ def task_splits(work: Path, sc: dict[str, Any], task_data: Path | None, notify: 
 
 # -- one run ----------------------------------------------------------------------------------
 def _key(*parts: Any) -> str:
-    from portllm_cli.core.demo import _key as demo_key
+    from portllm_cli.demo.run import _key as demo_key
 
     return demo_key(*parts)
 
 
 def _sha(path: str) -> str:
-    from portllm_cli.patch.format import sha256_file
+    from portllm_cli.io.hashing import sha256_file
 
     return sha256_file(Path(path))[:16]
 
@@ -201,10 +201,21 @@ def _train_lora(model: Path, out: Path, data: str, sc: dict[str, Any], seed: int
 
 
 def _evaluate(model: Any, tok: Any, test: str, sc: dict[str, Any], patches: list | None = None) -> list[dict[str, Any]]:
-    from portllm_cli.core.evaluate import evaluate_loaded
+    """sst2 accuracy of the live model alone, then with each (name, patch, key_map) merged in turn."""
+    import contextlib
+    import tempfile
 
-    rows = evaluate_loaded(model, tok, ["sst2"], data={"sst2": Path(test)}, patches=patches,
-                           batch_size=sc["eval_batch"])
+    from portllm_cli.core import harness
+    from portllm_cli.core.config import EvalConfig
+    from portllm_cli.core.evaluate import score_loaded
+
+    data = {"sst2": Path(test)}
+    cfg = EvalConfig(data=data, batch_size=sc["eval_batch"])
+    todo = [(None, None, {})] + [(n, p, km or {m: f"{m}.weight" for m in p.modules}) for n, p, km in (patches or [])]
+    with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, contextlib.ExitStack() as stack:
+        plan = harness.plan_offline(stack, ["sst2"], data, None, Path(tmp))
+        with harness.quiet_lm_eval():
+            rows = score_loaded(model, tok, "model", todo, plan, cfg)
     return [r.scores["sst2"] for r in rows]
 
 

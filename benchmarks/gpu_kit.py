@@ -58,7 +58,7 @@ STAGE = Path(os.environ.get("PORTLLM_KIT_STAGE", "/tmp/portllm-kit"))
 MIB = 1 << 20
 sys.path.insert(0, str(REPO))
 
-from portllm_cli.patch.format import sha256_file as sha256  # noqa: E402  (stdlib-only imports)
+from portllm_cli.io.hashing import sha256_file as sha256  # noqa: E402  (stdlib-only imports)
 
 # What the GPU machine's image lacks or holds at other versions (read off its package list, see
 # the device tool's KINDS.md): carried at the versions installed here. torch, numpy, pandas,
@@ -112,7 +112,8 @@ def fetch_wheels(dest: Path, python_version: str) -> list[str]:
 
 def material_files() -> tuple[Path, list[Path]]:
     """(PORTLLM_HOME, the cached files the GPU steps read), made or fetched here first if missing."""
-    from portllm_cli.core import material
+    from portllm_cli.demo import material
+    from portllm_cli.io.home import portllm_home
 
     def notify(n) -> None:
         log(f"{n.what}" + (f" (licence: {n.licence})" if n.licence else ""))
@@ -120,7 +121,7 @@ def material_files() -> tuple[Path, list[Path]]:
     gguf = material.find_smollm2_gguf(notify)
     pol = material.polarity_data(notify, n_test=1000, seed=0)
     corpora = [material.python_docs_corpus(n, notify) for n in CORPUS_SIZES]
-    home = material.home()
+    home = portllm_home()
     files = [gguf, *sorted(pol.train.parent.iterdir()), *corpora]
     return home, files
 
@@ -314,7 +315,7 @@ def device(args: argparse.Namespace) -> int:
             doc["kit_wall_s"] = round(wall, 1)  # the whole command, interpreter start and SmolLM2 conversion included
             (out / "demo.json").write_text(json.dumps(doc, indent=2) + "\n")
     if "bench" in wanted:
-        model = subprocess.run([py, "-c", "from portllm_cli.core import material; print(material.smollm2_dir())"],
+        model = subprocess.run([py, "-c", "from portllm_cli.demo import material; print(material.smollm2_dir())"],
                                check=True, cwd=REPO, env=r.env, capture_output=True, text=True).stdout.strip()
         bench = ["--steps", "4", "--batch-size", "4"] if args.smoke else ["--steps", "200", "--batch-size", "16"]
         rc, _ = r.run("finetune_bench", [py, "benchmarks/finetune_bench.py", "--model", model, *bench, "--json"],

@@ -151,7 +151,7 @@ def port_subprocess(patch: Path, target: Path, out: Path) -> dict[str, Any]:
 def run_seed(seed: int, sc: dict[str, Any], mat: Any, work: Path, device: str) -> dict[str, Any]:
     import torch
 
-    from portllm_cli.core.demo import _key
+    from portllm_cli.demo.run import _key
     from portllm_cli.core.diff import diff_paths
     from portllm_cli.core.evaluate import config_name, evaluate
     from portllm_cli.core.port import port_merged
@@ -266,7 +266,7 @@ def run_seed(seed: int, sc: dict[str, Any], mat: Any, work: Path, device: str) -
             # ratio is then infinite, and the fairer figure is finetune's GPU peak over port's RSS
             "ratio_finetune_over_port": (ft_mem / port_mem) if port_mem else ("inf" if cuda else None),
             "ratio_finetune_over_port_rss": ft_mem / port["subprocess"]["peak_rss_bytes"],
-            "finetune_wall_s": ft_evo.get("process_wall_s", ft_evo["wall_s"]), "port_wall_s": port["subprocess"]["wall_s"],
+            "finetune_wall_s": ft_evo.get("process_wall_s", ft_evo.get("seconds")), "port_wall_s": port["subprocess"]["wall_s"],
         },
     }
 
@@ -378,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment == "table" and (args.other_corpus or args.calibrate_grid or args.keep_models):
         ap.error("--other-corpus, --calibrate-grid and --keep-models are for --experiment drift")
 
-    from portllm_cli.core import material
-    from portllm_cli.core.demo import _quiet_libraries, head_jsonl
+    from portllm_cli.demo import material
+    from portllm_cli.demo.run import _quiet_libraries, head_jsonl
+    from portllm_cli.io.home import portllm_home
     from portllm_cli.core.models import resolve_device
 
     _quiet_libraries()
@@ -388,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     sc = scales[args.scale]
     if args.scale == "reference" and not device.startswith("cuda"):
         log("warning: the reference scale on a CPU takes days; use --scale small or medium here")
-    work = args.workdir or material.home() / "paper-table" / (args.scale if args.experiment == "table"
-                                                              else f"drift-{args.scale}")
+    work = args.workdir or portllm_home() / "paper-table" / (args.scale if args.experiment == "table"
+                                                             else f"drift-{args.scale}")
     work.mkdir(parents=True, exist_ok=True)
 
     def notify(n: Any) -> None:

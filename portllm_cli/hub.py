@@ -2,7 +2,7 @@
 
 - ``download``: a model or patch repo into the standard Hugging Face cache (``HF_HOME``), only the
   files portllm needs; a second use works offline.
-- ``push_patch``: a patch directory plus a generated model card, in one commit.
+- ``push_patch``: a patch directory plus a generated model card (``patch.card``), in one commit.
 - ``pull_patch``: download, verify against the manifest, optionally copy into ``--out``.
 
 ``huggingface_hub`` is imported inside the functions (``portllm --help`` stays fast). The
@@ -14,15 +14,13 @@ when ``huggingface_hub`` was imported before they were set. The token is found t
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portllm_cli.core.progress import ProgressFn
+from portllm_cli.core.progress import ProgressFn, no_progress, silenced_tqdm
 from portllm_cli.errors import (
     HubError,
     IntegrityError,
@@ -32,7 +30,17 @@ from portllm_cli.errors import (
     UsageError,
 )
 from portllm_cli.patch.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST
-from portllm_cli.resolve import Resolved, looks_like_repo_id, split_revision
+from portllm_cli.spec import (
+    MODEL,
+    MODEL_CONFIG,
+    PATCH,
+    Resolved,
+    check_revision,
+    classify,
+    classify_dir,
+    looks_like_repo_id,
+    split_revision,
+)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MODEL_CARD = "README.md"
@@ -191,10 +199,9 @@ def _tqdm_bridge(progress: ProgressFn, label: str):
     """A tqdm class for huggingface_hub that draws nothing itself and reports bytes to ``progress``."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    class _Bridge(hf_tqdm):  # type: ignore[misc, valid-type]
+    class _Bridge(silenced_tqdm(hf_tqdm)):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             self._report = kwargs.get("name") == "huggingface_hub.snapshot_download"
-            kwargs["disable"] = True
             super().__init__(*args, **kwargs)
             self._done = 0
 
@@ -205,10 +212,6 @@ def _tqdm_bridge(progress: ProgressFn, label: str):
             return None
 
     return _Bridge
-
-
-def _no_progress(label: str, done: float, total: float | None) -> None:
-    return None
 
 
 def _evict(snapshot: Path, names: list[str]) -> None:
@@ -226,7 +229,8 @@ def _evict(snapshot: Path, names: list[str]) -> None:
 
 def _check_patch_download(path: Path, repo_id: str, commit: str) -> None:
     """A downloaded patch must exist and match its manifest; a corrupted copy leaves the cache."""
-    from portllm_cli.patch.format import read_manifest, sha256_file
+    from portllm_cli.io.hashing import sha256_file
+    from portllm_cli.patch.format import read_manifest
 
     where = f"{repo_id}@{commit[:8]}"
     if not (path / ADAPTER_CONFIG).is_file():
@@ -249,59 +253,129 @@ def _check_patch_download(path: Path, repo_id: str, commit: str) -> None:
             )
 
 
+def _patterns(kind: str, allow_pickle: bool, trust_remote_code: bool) -> list[str]:
+    if kind == PATCH:
+        return list(PATCH_FILES)
+    return list(MODEL_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else []) + (
+        list(CODE_PATTERNS) if trust_remote_code else []
+    )
+
+
+def repo_listing(repo_id: str, revision: str | None) -> tuple[str, list[str]]:
+    """(commit, file paths) of a Hub repo at a revision: one repo-info call, nothing downloaded."""
+    from huggingface_hub import HfApi
+
+    info = HfApi(endpoint=endpoint()).repo_info(repo_id, revision=revision)
+    assert info.sha is not None
+    return info.sha, [s.rfilename for s in (info.siblings or [])]
+
+
+def _cache_may_answer(exc: BaseException) -> bool:
+    """Errors after which the local cache is asked, as ``snapshot_download`` itself does: no
+    connection, or an HTTP error (a Hub in trouble, a token that no longer works). Not a revision
+    the Hub says does not exist. When the cache has nothing either, the Hub's error is reported."""
+    import httpx2
+    from huggingface_hub import errors as hf
+
+    if isinstance(exc, hf.RevisionNotFoundError):
+        return False
+    return isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException, hf.OfflineModeIsEnabled, hf.HfHubHTTPError))
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str], *, cached_only: bool,
+              progress: ProgressFn) -> Path:
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(
+        repo_id,
+        revision=revision,
+        allow_patterns=patterns,
+        cache_dir=str(cache_dir()),
+        endpoint=endpoint(),
+        local_files_only=cached_only,
+        tqdm_class=_tqdm_bridge(progress, f"download {repo_id}"),  # never huggingface_hub's own bars
+    )
+    return Path(folder)
+
+
+def _check_kind(found: str | None, want: str | None, has_config: bool, repo_id: str, commit: str) -> str:
+    """The repo's kind, or the error that says why it is not what the caller needs."""
+    where = f"{repo_id}@{commit[:8]}"
+    if want == PATCH and found != PATCH:
+        more = ": it is a model repo" if found == MODEL else ""
+        hint = ("pass it where a model goes (--model, --to, --base)" if found == MODEL
+                else f"check the repo id and revision; publish one with 'portllm hub push PATCH {repo_id}'")
+        raise NotFoundError(f"{where} holds no patch (no {ADAPTER_CONFIG}){more}", hint=hint)
+    if want == MODEL or found == MODEL:
+        if found == PATCH:
+            raise NotFoundError(f"{where} has no config.json: not a transformers model repo (it holds a patch)",
+                                hint="pass it where a patch goes (--patch)")
+        if not has_config:
+            raise NotFoundError(f"{where} has no config.json: not a transformers model repo",
+                                hint="check the repo id and revision")
+    if found is None:
+        raise NotFoundError(
+            f"{where} is neither a model (no config.json or weights) nor a patch (no {ADAPTER_CONFIG})",
+            hint="check the repo id and revision",
+        )
+    return found
+
+
 def download(
     repo_id: str,
     *,
     revision: str | None = None,
-    kind: str = "model",
+    kind: str | None = None,
     spec: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: ProgressFn | None = None,
 ) -> Resolved:
-    """Download a model or patch repo into the Hugging Face cache and return where it is.
+    """Download a patch or model repo into the Hugging Face cache and return where it is.
 
-    Patches: only the patch files. Models: config, tokenizer, generation config and safetensors
-    weights (+ index); pickle weights only with ``allow_pickle``, code only with
-    ``trust_remote_code``. Under HF_HUB_OFFLINE=1 only the cache is used.
-    ``Resolved.revision`` is the commit the revision resolved to.
+    The repo's file list (one call) says what it is, by the rule local directories are judged by
+    (``spec.classify``); ``kind`` ("patch" or "model") is what the caller needs, None for either.
+    Only the files of that kind are fetched. Patches: the patch files, checked against the
+    manifest. Models: config, tokenizer, generation config and safetensors weights (+ index);
+    pickle weights only with ``allow_pickle``, code only with ``trust_remote_code``. Under
+    HF_HUB_OFFLINE=1, or when the Hub cannot be reached, the cache answers. Bytes are reported
+    to ``progress``; huggingface_hub never draws bars of its own. ``Resolved.revision`` is the
+    commit the revision resolved to.
     """
-    if kind not in ("model", "patch"):
-        raise ValueError(f"kind must be 'model' or 'patch', not {kind!r}")
-    from huggingface_hub import snapshot_download
-
-    if kind == "patch":
-        patterns = list(PATCH_FILES)
-    else:
-        patterns = list(MODEL_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else []) + (
-            list(CODE_PATTERNS) if trust_remote_code else []
-        )
-    kwargs: dict[str, Any] = {}
-    if progress is None and not sys.stderr.isatty():
-        progress = _no_progress  # huggingface_hub's own bars only where a person watches
-    if progress is not None:
-        kwargs["tqdm_class"] = _tqdm_bridge(progress, f"download {repo_id}")
+    if kind not in (None, MODEL, PATCH):
+        raise ValueError(f"kind must be 'model', 'patch' or None, not {kind!r}")
+    report = progress or no_progress
+    listing, api_error = None, None
+    if not offline():
+        try:
+            listing = repo_listing(repo_id, revision)
+        except Exception as exc:
+            if not _cache_may_answer(exc):
+                raise map_error(exc, repo_id=repo_id, revision=revision, action="download") from exc
+            api_error = exc
     try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=patterns,
-            cache_dir=str(cache_dir()),
-            endpoint=endpoint(),
-            local_files_only=offline(),
-            **kwargs,
-        )
+        if listing is not None:
+            commit, files = listing
+            found = _check_kind(classify(files), kind, MODEL_CONFIG in files, repo_id, commit)
+            # by the revision as given (not the commit), so the cache records where a branch or tag
+            # points and a later offline run finds it
+            path = _snapshot(repo_id, revision, _patterns(found, allow_pickle, trust_remote_code),
+                             cached_only=False, progress=report)
+            if path.name != commit:  # the branch moved between the listing and the download
+                found = _check_kind(classify_dir(path), kind, (path / MODEL_CONFIG).is_file(), repo_id, path.name)
+        else:  # the cache alone: what this revision's snapshot holds says what it is
+            path = _snapshot(repo_id, revision, [ADAPTER_CONFIG, MODEL_CONFIG], cached_only=True, progress=report)
+            found = _check_kind(classify_dir(path), kind, (path / MODEL_CONFIG).is_file(), repo_id, path.name)
+            path = _snapshot(repo_id, revision, _patterns(found, allow_pickle, trust_remote_code),
+                             cached_only=True, progress=report)
+    except PortllmError:
+        raise
     except Exception as exc:
-        raise map_error(exc, repo_id=repo_id, revision=revision, action="download") from exc
-    path = Path(folder)
+        failed = api_error if api_error is not None else exc  # the Hub's own answer says more
+        raise map_error(failed, repo_id=repo_id, revision=revision, action="download") from exc
     commit = path.name  # the cache's snapshot folder is named by the commit id
-    if kind == "patch":
+    if found == PATCH:
         _check_patch_download(path, repo_id, commit)
-    elif not (path / "config.json").is_file():
-        raise NotFoundError(
-            f"{repo_id}@{commit[:8]} has no config.json: not a transformers model repo",
-            hint="check the repo id and revision",
-        )
     return Resolved(spec or (f"{repo_id}@{revision}" if revision else repo_id), path, repo_id, commit)
 
 
@@ -316,7 +390,7 @@ class PullResult:
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "repo_id": self.repo_id, "revision": self.revision,
+        return {"out": str(self.path), "repo_id": self.repo_id, "revision": self.revision,
                 "files": self.files, "verified": self.verified, "warnings": self.warnings}
 
 
@@ -340,7 +414,8 @@ def pull_patch(
 ) -> PullResult:
     """Download a patch (only its files), verify it, and optionally copy it into ``out``."""
     from portllm_cli.io.atomic import atomic_output_dir, copy_file
-    from portllm_cli.patch.format import read_patch, sha256_file
+    from portllm_cli.io.hashing import sha256_file
+    from portllm_cli.patch.format import read_patch
 
     repo_id, rev = parse_repo_spec(spec, revision)
     if out is not None:
@@ -380,55 +455,6 @@ class PushResult:
                 "warnings": self.warnings}
 
 
-def _yaml_str(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid YAML scalar, quoting included
-
-
-def _task_name(manifest: dict[str, Any]) -> str | None:
-    for holder in (manifest, manifest.get("training") or {}, manifest.get("source") or {}):
-        task = holder.get("task") if isinstance(holder, dict) else None
-        if isinstance(task, dict):
-            task = task.get("name")
-        if isinstance(task, str) and task:
-            return task
-    return None
-
-
-def _flatten_scores(scores: Any, prefix: str = "") -> list[tuple[str, str]]:
-    """Rows (label, value) from the manifest's free-form scores.
-
-    Understands nested dicts ({"sst2": {"base": 0.5, "patched": 0.9}}), the ``portllm eval`` record
-    ({"sst2": {"metric": "acc", "value": 0.9, "stderr": 0.01}}) and lists of such records.
-    """
-    if isinstance(scores, dict) and isinstance(scores.get("value"), (int, float)):
-        label = prefix or "score"
-        if scores.get("metric"):
-            label += f" ({scores['metric']})"
-        value = _fmt(scores["value"])
-        if isinstance(scores.get("stderr"), (int, float)):
-            value += f" ± {_fmt(scores['stderr'])}"
-        return [(label, value)]
-    if isinstance(scores, dict):
-        rows: list[tuple[str, str]] = []
-        for k, v in scores.items():
-            rows.extend(_flatten_scores(v, f"{prefix} / {k}" if prefix else str(k)))
-        return rows
-    if isinstance(scores, list):
-        rows = []
-        for i, v in enumerate(scores):
-            label = str((v.get("name") or v.get("task") or i) if isinstance(v, dict) else i)
-            rest = {kk: vv for kk, vv in v.items() if kk not in ("name", "task")} if isinstance(v, dict) else v
-            rows.extend(_flatten_scores(rest, f"{prefix} / {label}" if prefix else label))
-        return rows
-    return [(prefix or "score", _fmt(scores))]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def base_repo_id(patch: Any) -> str | None:
     """The patch's base model when it is a Hub repo id (not a local path)."""
     base = patch.base_model
@@ -438,72 +464,10 @@ def base_repo_id(patch: Any) -> str | None:
 
 
 def model_card(patch: Any, repo_id: str, revision: str | None = None) -> str:
-    """README.md for a pushed patch: YAML front matter the Hub indexes, and a body people read."""
-    from portllm_cli.patch.format import short_module_kind
+    """README.md for a pushed patch (see ``patch.card``), its base named when it is a Hub id."""
+    from portllm_cli.patch.card import patch_card
 
-    manifest = patch.manifest or {}
-    cfg = patch.config
-    base = base_repo_id(patch)
-    lines = ["---", "library_name: peft"]
-    if base:
-        lines.append(f"base_model: {_yaml_str(base)}")
-    lines += ["tags:", "- portllm", "- lora", "- peft", "---", ""]
-    name = repo_id.split("/", 1)[1]
-    task = _task_name(manifest)
-    lines.append(f"# {name}")
-    lines.append("")
-    lines.append(
-        "A LoRA patch in the portllm format (`pip install portllm-cli`): a PEFT adapter plus a manifest "
-        "(`portllm.json`) that records the base model it was made on and the sha256 of its weights. "
-        "`portllm port` carries it onto an updated version of the base model without retraining."
-    )
-    lines.append("")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, list):
-        targets_text = ", ".join(sorted(targets))
-    elif isinstance(targets, str):
-        targets_text = targets
-    else:
-        targets_text = ", ".join(sorted({short_module_kind(m) for m in patch.modules}))
-    rows = [
-        ("Base model", base or (patch.base_model or "unknown")),
-        ("Task", task or "not recorded"),
-        ("Rank (r)", str(cfg.get("r"))),
-        ("Alpha", _fmt(cfg.get("lora_alpha"))),
-        ("Scaling", "rsLoRA (alpha/sqrt(r))" if cfg.get("use_rslora") else "alpha/r"),
-        ("Target modules", targets_text),
-        ("Adapted modules", str(len(patch.modules))),
-    ]
-    base_rev = (manifest.get("base") or {}).get("revision")
-    if base_rev:
-        rows.insert(1, ("Base revision", str(base_rev)))
-    sha = (manifest.get("tensors") or {}).get("sha256")
-    if sha:
-        rows.append(("Weights sha256", f"`{sha}`"))
-    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
-    scores = manifest.get("scores")
-    if scores:
-        lines += ["## Scores", "", "| Metric | Value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in _flatten_scores(scores)]
-        lines.append("")
-    patch_ref = f"{repo_id}@{revision}" if revision else repo_id
-    peft_args = json.dumps(repo_id) + (f", revision={json.dumps(revision)}" if revision else "")
-    out_name = f"./{name}-merged"
-    lines += [
-        "## Use it",
-        "",
-        "Merge it into its base model, or into any newer version of it (same architecture and shapes):",
-        "",
-        "```bash",
-        f"portllm port --patch {patch_ref} --to {base or 'BASE_MODEL'} --out {out_name}",
-        "```",
-        "",
-        f"Replace `{base or 'BASE_MODEL'}` with an evolved release of the base model (a Hub id or a local "
-        "directory) to port the patch to it. The patch also loads directly with PEFT "
-        f"(`PeftModel.from_pretrained(model, {peft_args})`).",
-        "",
-    ]
-    return "\n".join(lines)
+    return patch_card(patch, repo_id, revision, base=base_repo_id(patch))
 
 
 def _check_push_target(repo_id: str) -> None:
@@ -586,13 +550,10 @@ def push_model(
     if (model_dir / MODEL_CARD).is_file():
         ops.append(CommitOperationAdd(path_in_repo=MODEL_CARD, path_or_fileobj=str(model_dir / MODEL_CARD)))
     else:
+        from portllm_cli.patch.card import model_dir_card
+
         cfg = read_json(model_dir / "config.json", "model config")
-        arch = ", ".join(cfg.get("architectures") or []) if isinstance(cfg, dict) else ""
-        card = "\n".join([
-            "---", "library_name: transformers", "tags:", "- portllm", "---", "",
-            f"# {repo_id.split('/', 1)[1]}", "",
-            f"A model written by portllm (`pip install portllm-cli`){f': {arch}' if arch else ''}.", "",
-        ])
+        card = model_dir_card(repo_id, cfg.get("architectures") if isinstance(cfg, dict) else None)
         ops.append(CommitOperationAdd(path_in_repo=MODEL_CARD, path_or_fileobj=card.encode()))
     message = commit_message or "Upload model written by portllm"
     return _commit(repo_id, ops, message, private=private, revision=revision)
@@ -600,10 +561,8 @@ def push_model(
 
 def push_result(path: Path, repo_id: str, **kwargs: Any) -> PushResult:
     """Push a finished output: a patch directory with push_patch, anything else as a model."""
-    from portllm_cli.patch.format import is_patch_dir
-
     path = Path(path)
-    if is_patch_dir(path):
+    if classify_dir(path) == PATCH:
         return push_patch(path, repo_id, **kwargs)
     if not (path / "config.json").exists() and any(path.glob("*.gguf")):
         return push_gguf(path, repo_id, **kwargs)
@@ -644,10 +603,6 @@ def download_gguf(
 ) -> Resolved:
     """Download one GGUF file (or every part of the split set it is the first part of) from a
     model repo; ``Resolved.path`` is the local file (the first part)."""
-    from huggingface_hub import snapshot_download
-
-    from portllm_cli.resolve import check_revision
-
     repo_id, rev = split_revision(spec)
     rev = revision or rev
     if rev is not None:
@@ -656,16 +611,8 @@ def download_gguf(
         raise InvalidInputError(f"--gguf-file {filename!r}: expected the name of a .gguf file in the repo")
     m = re.match(r"^(?P<prefix>.+)-00001-of-(?P<count>\d{5})\.gguf$", filename)
     patterns = [f"{m.group('prefix')}-*-of-{m.group('count')}.gguf"] if m else [filename]
-    kwargs: dict[str, Any] = {}
-    if progress is None and not sys.stderr.isatty():
-        progress = _no_progress
-    if progress is not None:
-        kwargs["tqdm_class"] = _tqdm_bridge(progress, f"download {repo_id}/{filename}")
     try:
-        folder = snapshot_download(
-            repo_id, revision=rev, allow_patterns=patterns, cache_dir=str(cache_dir()), endpoint=endpoint(),
-            local_files_only=offline(), **kwargs,
-        )
+        folder = _snapshot(repo_id, rev, patterns, cached_only=offline(), progress=progress or no_progress)
     except Exception as exc:
         raise map_error(exc, repo_id=repo_id, revision=rev, action="download") from exc
     path = Path(folder) / filename

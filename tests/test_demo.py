@@ -1,7 +1,7 @@
 """portllm demo: the whole pipeline end to end on a tiny model, and the real demo (integration).
 
 The tiny run replaces only the material (the real model, data and corpus are fetched by
-core.material, tested in test_material.py) with tiny files of the same formats; every stage after
+demo.material, tested in test_material.py) with tiny files of the same formats; every stage after
 that is the real finetune / port / diff / eval code path. The table is checked against an
 independent scorer written here with plain transformers + PEFT.
 """
@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from portllm_cli.cli.app import app
-from portllm_cli.core import demo as demo_mod
+from portllm_cli.demo import run as demo_mod
 from portllm_cli.core.tasks import get_recipe
 from tests import real
 

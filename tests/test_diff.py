@@ -292,7 +292,7 @@ def test_plot_is_a_valid_png(llama_dir, llama_evolved_dir, tmp_path):
     png = tmp_path / "drift.png"
     res = invoke(llama_dir, llama_evolved_dir, "--plot", png, "--json")
     assert res.exit_code == 0, res.stderr
-    assert json.loads(res.stdout)["plot"] == str(png)
+    assert json.loads(res.stdout)["out"] == str(png)  # the key was "plot" before one scheme for all commands
     assert png.read_bytes()[:8] == PNG_MAGIC
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
@@ -396,3 +396,25 @@ def test_tampered_patch_exit_4_unless_no_verify(tmp_path):
     res = invoke(pa, pb, "--no-verify", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "compatible"
     assert json.loads(res.stdout)["overall"]["residual"] > 0
+
+
+def test_hub_patch_against_a_local_model(hub, llama_dir, llama_evolved_dir, llama_lora_dir):
+    """`portllm diff user/patch-repo ./model`: the Hub id is resolved by what it is (a patch here)."""
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo("alice/diff-patch")
+    HfApi().upload_folder(repo_id="alice/diff-patch", folder_path=llama_lora_dir)
+    res = invoke("alice/diff-patch", llama_evolved_dir, "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    local = json.loads(invoke(llama_lora_dir, llama_evolved_dir, "--json").stdout)
+    assert doc["kind"] == "patch-model" and doc["verdict"] == "compatible"
+    assert doc["a"].startswith("alice/diff-patch@") and doc["targeted"] == local["targeted"]
+    # a model on the Hub against a local one: a model-model diff with the local figures
+    HfApi().create_repo("alice/diff-model")
+    HfApi().upload_folder(repo_id="alice/diff-model", folder_path=llama_dir)
+    res = invoke(llama_evolved_dir, "alice/diff-model", "--json")
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    local = json.loads(invoke(llama_evolved_dir, llama_dir, "--json").stdout)
+    assert doc["kind"] == "model-model" and doc["overall"] == local["overall"]

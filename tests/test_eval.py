@@ -156,8 +156,13 @@ def test_patch_removal_is_clean(llama_dir, strong_patch, sst2_file):
     import torch
     import transformers
 
+    import contextlib
+    import tempfile
+
+    from portllm_cli.core import harness
     from portllm_cli.core.compat import check_compatibility
-    from portllm_cli.core.evaluate import evaluate_loaded
+    from portllm_cli.core.config import EvalConfig
+    from portllm_cli.core.evaluate import score_loaded
     from portllm_cli.io.checkpoint import Checkpoint
     from portllm_cli.patch.format import read_patch
 
@@ -166,10 +171,13 @@ def test_patch_removal_is_clean(llama_dir, strong_patch, sst2_file):
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     patch = read_patch(strong_patch)
     rep = check_compatibility(patch, Checkpoint.open(llama_dir))
-    rows = evaluate_loaded(model, tok, ["sst2"], data={"sst2": sst2_file}, log_samples=True,
-                           patches=[("strong", patch, rep.key_map)])
-    assert [r.patch for r in rows] == [None, "strong"]
-    after = evaluate_loaded(model, tok, ["sst2"], data={"sst2": sst2_file}, log_samples=True)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        plan = harness.plan_offline(stack, ["sst2"], {"sst2": sst2_file}, None, Path(tmp))
+        stack.enter_context(harness.quiet_lm_eval())
+        rows = score_loaded(model, tok, "model", [(None, None, {}), ("strong", patch, rep.key_map)], plan,
+                            EvalConfig(), log_samples=True)
+        assert [r.patch for r in rows] == [None, "strong"]
+        after = score_loaded(model, tok, "model", [(None, None, {})], plan, EvalConfig(), log_samples=True)
     assert after[0].scores == rows[0].scores
     assert _loglikelihoods(after[0].samples["sst2"]) == _loglikelihoods(rows[0].samples["sst2"])
     assert _loglikelihoods(rows[1].samples["sst2"]) != _loglikelihoods(rows[0].samples["sst2"])
@@ -291,6 +299,7 @@ def test_builtin_task_with_unreachable_data_says_pass_data(tmp_path, llama_dir, 
     from huggingface_hub import constants
 
     from portllm_cli.core import evaluate as core
+    from portllm_cli.core import harness
     from portllm_cli.errors import NotFoundError
 
     # Offline as HF_HUB_OFFLINE=1 makes a fresh process: datasets and huggingface_hub read it when
@@ -304,12 +313,12 @@ def test_builtin_task_with_unreachable_data_says_pass_data(tmp_path, llama_dir, 
         "doc_to_choice: ['negative', 'positive']\nmetric_list:\n  - metric: acc\n"
     )
     tm = lm_eval.tasks.TaskManager(include_path=str(tmp_path), include_defaults=False)
-    plan = core.TaskPlan(["hubtask"], {"hubtask": "hubtask"}, {}, tm, tmp_path)
+    plan = harness.TaskPlan(["hubtask"], {"hubtask": "hubtask"}, {}, tm, tmp_path)
     model, tok = core.load_model(llama_dir, dtype="float32", device="cpu", trust_remote_code=False, allow_pickle=False)
     from lm_eval.models.huggingface import HFLM
 
-    with pytest.raises(NotFoundError) as err, core._quiet_lm_eval():
-        core.run_tasks(HFLM(pretrained=model, tokenizer=tok, batch_size=2), plan, limit=2, num_fewshot=None,
+    with pytest.raises(NotFoundError) as err, harness.quiet_lm_eval():
+        harness.run_tasks(HFLM(pretrained=model, tokenizer=tok, batch_size=2), plan, limit=2, num_fewshot=None,
                        log_samples=False)
     assert "hubtask" in err.value.message and "--data hubtask=PATH" in (err.value.hint or "")
 
@@ -319,10 +328,10 @@ def test_lm_eval_prints_and_bars_stay_off_stdout(capsys, monkeypatch):
     stdout carries portllm's result alone (one JSON document under --json)."""
     from lm_eval.api.metrics import bootstrap_stderr, mean
 
-    from portllm_cli.core import evaluate as core
+    from portllm_cli.core import harness
 
     monkeypatch.setenv("DISABLE_MULTIPROC", "1")  # lm-eval's in-process bootstrap: no worker pool
-    with core._quiet_lm_eval():
+    with harness.quiet_lm_eval():
         se = bootstrap_stderr(mean, [0, 1, 1, 0, 1], iters=20)
     out, err = capsys.readouterr()
     assert se > 0
@@ -334,7 +343,7 @@ def test_local_task_yaml_for_multi_context_and_generation(tmp_path):
     """winogrande rows become lm-eval's multiple-input form; gsm8k rows keep only the final answer."""
     import yaml
 
-    from portllm_cli.core import evaluate as core
+    from portllm_cli.core import harness as core
 
     wino = tmp_path / "w.jsonl"
     wino.write_text(json.dumps({"sentence": "The cup fell off the table because _ was wobbly.",

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from portllm_cli.cli.app import app
 from portllm_cli.core import tasks as recipes
-from portllm_cli.core.demo import head_jsonl
+from portllm_cli.demo.run import head_jsonl
 from tests import real
 from tests.hub_fixtures import publish_dataset
 

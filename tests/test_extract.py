@@ -223,7 +223,8 @@ def test_adapter_bad_inputs(tmp_path, llama_lora_dir):
     # neither adapter nor model
     (tmp_path / "empty").mkdir()
     r = cli("extract", tmp_path / "empty", "--out", out)
-    assert r.exit_code == 1 and "neither a PEFT adapter" in r.stderr
+    # (one rule and one message for every command since patch-or-model detection was unified)
+    assert r.exit_code == 1 and "neither a model" in r.stderr and "adapter_config.json" in r.stderr
     # adapter without its weights
     src = shutil.copytree(llama_lora_dir, tmp_path / "noweights")
     (src / "adapter_model.safetensors").unlink()
@@ -519,3 +520,21 @@ def test_svd_reads_sharded_checkpoints(tmp_path, llama_dir, lowrank_ft_dir):
     patch = read_patch(tmp_path / "p")
     for m in LOWRANK_MODULES:
         torch.testing.assert_close(patch.modules[m].delta(), ft[f"{m}.weight"] - base[f"{m}.weight"], rtol=0, atol=1e-5)
+
+
+def test_svd_extract_of_a_finetuned_model_on_the_hub(hub, lowrank_ft_dir, llama_dir, tmp_path):
+    """`portllm extract user/full-finetune --base ...`: a Hub id is resolved by what it is (a model here)."""
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo("alice/ft-full")
+    HfApi().upload_folder(repo_id="alice/ft-full", folder_path=lowrank_ft_dir)
+    r = cli("extract", "alice/ft-full", "--base", llama_dir, "--rank", "3", "--out", tmp_path / "hub.patch", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["mode"] == "svd"
+    r = cli("extract", lowrank_ft_dir, "--base", llama_dir, "--rank", "3", "--out", tmp_path / "local.patch")
+    assert r.exit_code == 0, r.stderr
+    got = load_file(tmp_path / "hub.patch" / "adapter_model.safetensors")
+    want = load_file(tmp_path / "local.patch" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    finetuned = json.loads((tmp_path / "hub.patch" / "portllm.json").read_text())["source"]["finetuned"]
+    assert finetuned["model"] == "alice/ft-full" and finetuned["revision"] == hub.head("alice/ft-full")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from portllm_cli.cli.app import app
 from portllm_cli.core import tasks, train
-from portllm_cli.errors import Interrupted
+from portllm_cli.errors import Interrupted, UsageError
 from tests import real, tiny
 
 SENTENCES = tiny.SENTENCES
@@ -96,7 +96,7 @@ def test_loss_goes_down_and_patch_loads_in_peft(trained, llama_dir, sst2_file):
 def test_manifest_records_base_data_and_hyperparameters(trained, llama_dir, sst2_file):
     from portllm_cli.io.checkpoint import Checkpoint
     from portllm_cli.patch.format import read_patch
-    from portllm_cli.resolve import content_hash
+    from portllm_cli.io.hashing import content_hash
 
     patch = read_patch(trained.out)  # sha256 of the weights verified against the manifest
     m = patch.manifest
@@ -186,8 +186,9 @@ def test_cli_json_summary(tmp_path, llama_dir, sst2_file):
                                  "--target-modules", "q_proj,k_proj,o_proj", "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["patch"] == str(out) and doc["steps"] == 2 and doc["tokens_per_s"] > 0
-    assert doc["peak_memory_bytes"] > 0 and doc["wall_s"] > 0 and doc["final_loss"] > 0
+    # (the keys were "patch" / "model" and "wall_s" before one scheme for every command)
+    assert doc["out"] == str(out) and doc["full"] is False and doc["steps"] == 2 and doc["tokens_per_s"] > 0
+    assert doc["peak_memory_bytes"] > 0 and doc["seconds"] > 0 and doc["final_loss"] > 0
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 2 and cfg["target_modules"] == ["k_proj", "o_proj", "q_proj"]
 
@@ -474,3 +475,17 @@ def test_hub_rows_go_through_the_same_validation(monkeypatch):
     with pytest.raises(Exception, match="no '_' blank"):
         tasks.get_recipe("winogrande").example(tasks.load_rows(tasks.get_recipe("winogrande"), None)[0])
     assert calls[-1] == ("allenai/winogrande", "winogrande_xl", "train")
+
+
+def test_config_is_built_once_from_the_command_options():
+    from portllm_cli.cli._options import Dtype
+    from portllm_cli.core.config import FinetuneConfig
+
+    cfg = FinetuneConfig.from_options({"target_modules": "q_proj, v_proj,,o_proj", "label_map": "-1=negative,1=positive",
+                                       "dtype": Dtype.float32, "rank": 4, "json_out": True, "model": "./m"})
+    assert cfg.target_modules == ("q_proj", "v_proj", "o_proj") and cfg.rank == 4 and cfg.dtype == "float32"
+    assert dict(cfg.label_map) == {"-1": "negative", "1": "positive"} and cfg.lr == FinetuneConfig().lr
+    with pytest.raises(UsageError, match="--rank must be at least 1"):
+        FinetuneConfig.build(cfg, {"rank": 0})
+    with pytest.raises(TypeError, match="unknown FinetuneConfig settings: rnak"):
+        FinetuneConfig.build(None, {"rnak": 4})

@@ -42,7 +42,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def material(tmp_path_factory):
     pytest.importorskip("gguf")
-    from portllm_cli.core import material as mat
+    from portllm_cli.demo import material as mat
     from portllm_cli.errors import PortllmError
 
     with real.in_real_home():

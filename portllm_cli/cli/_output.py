@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from typing import Any, Callable, Iterator
 
@@ -16,16 +15,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-
-
-def _jsonable(obj: Any) -> Any:
-    from pathlib import Path
-
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return None
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
 class Output:
@@ -57,7 +46,9 @@ class Output:
     # -- results (stdout) --------------------------------------------------------------------
     def result(self, data: dict[str, Any], human: str | Callable[[Console], None] | None = None) -> None:
         if self.json_mode:
-            sys.stdout.write(json.dumps(data, default=_jsonable, indent=2) + "\n")
+            from portllm_cli.io.strict_json import dumps
+
+            sys.stdout.write(dumps(data) + "\n")
             sys.stdout.flush()
             return
         if human is None:

@@ -1,4 +1,4 @@
-"""portllm demo: parse flags, call core.demo.run_demo, render the PortLLM table."""
+"""portllm demo: parse flags, call demo.run.run_demo, render the PortLLM table."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def demo(
     quiet: QuietOpt = False,
 ) -> None:
     """Run the whole PortLLM loop on a real small model, offline: patch, evolve, port, evaluate."""
-    from portllm_cli.core.demo import run_demo
+    from portllm_cli.demo.run import run_demo
 
     o = Output(json_mode=json_, quiet=quiet)
 

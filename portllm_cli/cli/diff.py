@@ -22,6 +22,7 @@ Examples:
   portllm diff ./sst2.patch ./sst2-v2.patch --json         # residual, angles
   portllm diff ./sst2.patch ./llama-3.1-8b                 # fits? exit 3 if not
   portllm diff ./sst2.patch ./llama-3.1-8b --base ./llama-3-8b --json   # the patch against the drift
+  portllm diff team/sst2-patch ./llama-3.1-8b              # a Hub id: a patch or a model, by its files
 
 Exit codes: 0 compared (differences are findings), 1 unreadable input,
 3 patch and model incompatible, 4 corrupt or truncated weights.
@@ -213,9 +214,9 @@ def diff(
         out.warn(w)
     for t in _tables(report, top):
         out.stderr_renderable(t)
-    doc = report.as_dict()
+    doc = {"out": None, **report.as_dict()}
     if plot is not None:
-        doc["plot"] = str(plot_layers(report, plot))
+        doc["out"] = str(plot_layers(report, plot))
         out.info(f"Wrote {plot}")
     out.result(doc, f"{report.verdict_text}")
     if report.incompatible:

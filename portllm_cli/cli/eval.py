@@ -138,34 +138,20 @@ def eval_command(
 ) -> None:
     """Score models alone and with patches on the same tasks, in one process: the PortLLM table."""
     from portllm_cli.core import evaluate as core
+    from portllm_cli.core.config import EvalConfig
 
     out = Output(json_mode=json_, quiet=quiet)
     task_list = _split_tasks(tasks)
     data_map, data_dir = core.parse_data_specs(data or [])
     if output is not None:
         core.check_report_path(output, overwrite=overwrite)
+    options = dict(locals(), data=data_map, data_dir=data_dir, log_samples_dir=log_samples)
+    config = EvalConfig.from_options(options)  # every option that names a setting, built once
     with out.progress() as progress:
-        report = core.evaluate(
-            model,
-            patch or [],
-            task_list,
-            data=data_map,
-            data_dir=data_dir,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            batch_size=batch_size,
-            device=device.value,
-            dtype=dtype.value,
-            only=only,
-            log_samples_dir=log_samples,
-            overwrite=overwrite,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
-            progress=progress,
-        )
+        report = core.evaluate(model, patch or [], task_list, config, progress=progress)
     for s in report.skipped:
         out.info(f"skipped {s['model']}+{s['patch']}: {s['reason']}")
-    doc = report.as_dict()
+    doc = {"out": str(output) if output is not None else None, **report.as_dict()}
     if output is not None:
         core.write_report(doc, output, overwrite=overwrite)
         out.info(f"wrote {output}")

@@ -35,6 +35,9 @@ Examples:
   # the smallest rank per module that keeps 99% of each delta's spectrum, only q/v projections
   portllm extract ./ft --base ./base --energy 0.99 --target-modules q_proj,v_proj --json --out ./p
 
+  # a fine-tuned model on the Hub (its file list says it is a model, not an adapter)
+  portllm extract someone/smollm2-sst2-full --base ./SmolLM2-135M --rank 16 --out ./sst2.patch
+
   # extract and publish in one go
   portllm extract ./my-lora --out ./sst2.patch --push-to-hub me/sst2-patch
 """
@@ -51,7 +54,8 @@ def extract(
         str,
         typer.Argument(
             metavar="SOURCE",
-            help="A PEFT LoRA adapter directory, or a fully fine-tuned model directory (then --base and --rank/--energy).",
+            help="A PEFT LoRA adapter, or a fully fine-tuned model (then --base and --rank/--energy): a directory, "
+            "user/repo or user/repo@revision.",
             show_default=False,
         ),
     ],
@@ -97,31 +101,31 @@ def extract(
     from portllm_cli.resolve import resolve
 
     o = Output(json_mode=json_out, quiet=quiet)
-    res = resolve(source, kind="patch", revision=revision)
-    mode = core.detect_source(res.path)
-    if mode == "adapter":
-        given = [f for f, v in (("--rank", rank), ("--energy", energy), ("--target-modules", target_modules)) if v is not None]
-        if given:
-            raise UsageError(
-                f"{', '.join(given)} only apply to a fine-tuned model; {source} is a LoRA adapter",
-                hint="drop them: an adapter's factors are copied as they are",
-            )
-        with o.progress() as progress:
+    with o.progress() as progress:
+        # one resolution: a Hub id's file list says whether it is an adapter or a model
+        res = resolve(source, revision=revision, progress=progress, allow_pickle=allow_pickle)
+        if res.kind == "patch":
+            given = [f for f, v in (("--rank", rank), ("--energy", energy), ("--target-modules", target_modules))
+                     if v is not None]
+            if given:
+                raise UsageError(
+                    f"{', '.join(given)} only apply to a fine-tuned model; {source} is a LoRA adapter",
+                    hint="drop them: an adapter's factors are copied as they are",
+                )
             result = core.extract_adapter(
                 res, out, base=base, overwrite=overwrite, base_check=not no_base_check, task=task,
                 allow_pickle=allow_pickle, progress=progress,
             )
-    else:
-        if base is None:
-            raise UsageError(f"{source} is a full model: --base is required to take the difference",
-                             hint="pass --base BASE_MODEL --rank R")
-        if (rank is None) == (energy is None):
-            raise UsageError("give exactly one of --rank and --energy", hint="e.g. --rank 16 or --energy 0.99")
-        if no_base_check:
-            raise UsageError("--no-base-check applies to adapters only; SVD extraction reads the base")
-        base_res = resolve(base, kind="model")
-        targets = target_modules.split(",") if target_modules is not None else None
-        with o.progress() as progress:
+        else:
+            if base is None:
+                raise UsageError(f"{source} is a full model: --base is required to take the difference",
+                                 hint="pass --base BASE_MODEL --rank R")
+            if (rank is None) == (energy is None):
+                raise UsageError("give exactly one of --rank and --energy", hint="e.g. --rank 16 or --energy 0.99")
+            if no_base_check:
+                raise UsageError("--no-base-check applies to adapters only; SVD extraction reads the base")
+            base_res = resolve(base, kind="model", progress=progress, allow_pickle=allow_pickle)
+            targets = target_modules.split(",") if target_modules is not None else None
             result = core.extract_svd(
                 res, base_res, out, rank=rank, energy=energy, target_modules=targets, dtype=dtype.value,
                 overwrite=overwrite, task=task, allow_pickle=allow_pickle, progress=progress,

@@ -19,6 +19,9 @@ from portllm_cli.cli._options import (
 )
 from portllm_cli.cli._output import Output
 from portllm_cli.cli.hub import push_result_if_requested
+from portllm_cli.core.config import FinetuneConfig
+
+D = FinetuneConfig()  # the defaults, written once in core.config
 
 EPILOG = """\
 Examples:
@@ -46,10 +49,6 @@ Exit codes: 0 ok, 1 bad input, 2 usage, 130 interrupted (a checkpoint is saved; 
 """
 
 
-def _split(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def finetune(
     model: Annotated[str, typer.Option("--model", "-m", help="Base model: a local directory, user/repo or user/repo@revision.")],
     task: Annotated[str, typer.Option("--task", "-t", help="boolq, sst2, mrpc, rte, wnli, winogrande, gsm8k, completion or text.")],
@@ -58,26 +57,26 @@ def finetune(
     text_field: Annotated[Optional[str], typer.Option("--text-field", help="Column holding the task's text (a name, a 0-based position for header-less CSV, or FIELD=COLUMN pairs).")] = None,
     label_field: Annotated[Optional[str], typer.Option("--label-field", help="Column holding the label.")] = None,
     label_map: Annotated[Optional[str], typer.Option("--label-map", help="Map label values to choices, e.g. -1=negative,1=positive.")] = None,
-    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = 8,
-    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale = alpha / rank).")] = 16,
-    dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.1,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, linear decay to 0).")] = 1e-4,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = 10,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per batch (per device).")] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Batches per optimizer step.")] = 1,
-    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence (prompts are cut from the left; text chunk length).")] = 256,
-    target_modules: Annotated[str, typer.Option("--target-modules", help="Comma-separated module names to adapt, or all-linear.")] = "q_proj,v_proj",
-    seed: Annotated[int, typer.Option("--seed", help="Seed for LoRA init, dropout and data order.")] = 1234,
-    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warmup steps (none by default).")] = 0,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = 0.0,
-    dtype: DtypeOpt = "auto",  # type: ignore[assignment]
-    device: DeviceOpt = "auto",  # type: ignore[assignment]
-    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps into OUT.portllm-ckpt/.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.portllm-ckpt/.")] = False,
-    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep OUT.portllm-ckpt/ after a successful run.")] = False,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower).")] = False,
-    full: Annotated[bool, typer.Option("--full", help="Train every weight and write a model directory instead of a patch.")] = False,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = D.rank,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale = alpha / rank).")] = D.alpha,
+    dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = D.dropout,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, linear decay to 0).")] = D.lr,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = D.epochs,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs).")] = D.max_steps,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per batch (per device).")] = D.batch_size,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Batches per optimizer step.")] = D.grad_accum,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence (prompts are cut from the left; text chunk length).")] = D.max_length,
+    target_modules: Annotated[str, typer.Option("--target-modules", help="Comma-separated module names to adapt, or all-linear.")] = ",".join(D.target_modules),
+    seed: Annotated[int, typer.Option("--seed", help="Seed for LoRA init, dropout and data order.")] = D.seed,
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", help="Linear warmup steps (none by default).")] = D.warmup_steps,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")] = D.weight_decay,
+    dtype: DtypeOpt = D.dtype,  # type: ignore[assignment]
+    device: DeviceOpt = D.device,  # type: ignore[assignment]
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps into OUT.portllm-ckpt/.")] = D.save_every,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.portllm-ckpt/.")] = D.resume,
+    keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep OUT.portllm-ckpt/ after a successful run.")] = D.keep_checkpoints,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass (less memory, ~30% slower).")] = D.gradient_checkpointing,
+    full: Annotated[bool, typer.Option("--full", help="Train every weight and write a model directory instead of a patch.")] = D.full,
     revision: RevisionOpt = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -88,25 +87,15 @@ def finetune(
     """Fine-tune a LoRA patch (or, with --full, a whole model) on a task."""
     import warnings
 
-    import transformers
-
     from portllm_cli.core import train
-    from portllm_cli.core.tasks import parse_label_map
+    from portllm_cli.core.progress import silence_library_bars
 
-    transformers.utils.logging.disable_progress_bar()  # our own bar shows each phase
+    silence_library_bars()  # our own bar shows each phase
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for users
+    config = FinetuneConfig.from_options(locals())  # every option that names a setting, built once
     o = Output(json_mode=json_out, quiet=quiet)
     with o.progress() as progress:
-        result = train.finetune(
-            model, task, out, data=data, text_field=text_field, label_field=label_field,
-            label_map=parse_label_map(label_map), rank=rank, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs,
-            max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
-            target_modules=tuple(_split(target_modules)), seed=seed, dtype=dtype.value if hasattr(dtype, "value") else dtype,
-            device=device.value if hasattr(device, "value") else device, save_every=save_every, resume=resume,
-            keep_checkpoints=keep_checkpoints, gradient_checkpointing=gradient_checkpointing, full=full,
-            warmup_steps=warmup_steps, weight_decay=weight_decay, overwrite=overwrite,
-            trust_remote_code=trust_remote_code, revision=revision, progress=progress,
-        )
+        result = train.finetune(model, task, out, config, progress=progress)
     if not result.is_main_process:
         return  # under accelerate launch only the main process reports
     summary = result.summary()

@@ -190,8 +190,9 @@ def port(
         raise UsageError(f"--format {format_!r}: expected peft or gguf")
     if format_ and not as_adapter:
         raise UsageError("--format applies to --as-adapter", hint="add --as-adapter, or drop --format")
-    patch_res = resolve(patch, kind="patch")
-    target = _resolve_target(to, revision, gguf_file)
+    with o.progress() as progress:
+        patch_res = resolve(patch, kind="patch", progress=progress)
+        target = _resolve_target(to, revision, gguf_file, progress=progress, allow_pickle=allow_pickle)
     gguf_target = target.path.suffix == ".gguf"
     if as_adapter and format_ == "gguf" or gguf_target:
         if calibrate is not None:
@@ -275,7 +276,7 @@ def _calibration_summary(cal: dict) -> str:
     return f"calibrated on {cal['data']['rows_used']} {cal['task']} examples: scale {cal['scale']:g} ({'; '.join(figs)})"
 
 
-def _resolve_target(to: str, revision: str | None, gguf_file: str | None):
+def _resolve_target(to: str, revision: str | None, gguf_file: str | None, *, progress=None, allow_pickle: bool = False):
     """--to as a Resolved: a safetensors model directory, or a GGUF file (local, in a directory, in
     a Hub repo with --gguf-file)."""
     import dataclasses
@@ -288,8 +289,8 @@ def _resolve_target(to: str, revision: str | None, gguf_file: str | None):
     if gguf_file is not None and not local.exists() and looks_like_repo_id(to):
         from portllm_cli import hub
 
-        return hub.download_gguf(to, gguf_file, revision=revision)
-    target = resolve(to, kind="model", revision=revision)
+        return hub.download_gguf(to, gguf_file, revision=revision, progress=progress)
+    target = resolve(to, kind="model", revision=revision, progress=progress, allow_pickle=allow_pickle)
     if target.path.is_file():
         if gguf_file is not None:
             from portllm_cli.errors import UsageError

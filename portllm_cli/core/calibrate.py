@@ -147,7 +147,7 @@ class CalibrationData:
 def load_data(task: str, path: Path, *, limit: int | None = None) -> CalibrationData:
     """The first ``limit`` rows of a local file through the task's recipe; fails before any model loads."""
     from portllm_cli.core import tasks as recipes
-    from portllm_cli.patch.format import sha256_file
+    from portllm_cli.io.hashing import sha256_file
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UsageError(f"--calibrate-limit must be a positive number of rows, got {limit!r}")

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 from portllm_cli.core.compat import CompatReport, check_compatibility, weight_key_for
 from portllm_cli.core.progress import ProgressFn
 from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError, UsageError
-from portllm_cli.io.checkpoint import Checkpoint, architecture_fingerprint
+from portllm_cli.io.checkpoint import STRUCTURAL_FIELDS, Checkpoint, architecture_fingerprint
 from portllm_cli.io.safetensors import DTYPES, TensorInfo, read_tensor
-from portllm_cli.patch.format import Patch, is_patch_dir, read_patch
+from portllm_cli.patch.format import Patch, read_patch
+from portllm_cli.spec import MODEL, PATCH, classify_dir
 
 if TYPE_CHECKING:
     import torch
@@ -40,18 +41,6 @@ if TYPE_CHECKING:
 CHUNK_ELEMENTS = 4 << 20
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp", "embeddings", "lm_head", "norms", "other")
-# Fingerprint fields whose difference makes two models different architectures (a grown
-# vocabulary or an untied head is a change within one architecture, reported but not fatal).
-STRUCTURAL_FIELDS = (
-    "model_type",
-    "architectures",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "head_dim",
-)
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)(?:\.|$)")
 _MLP_PARTS = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "w1", "w2", "w3", "mlp"}
@@ -1025,7 +1014,8 @@ class PatchModelDiff:
         }
 
 
-def find_base(patch: Patch, *, allow_pickle: bool = False) -> tuple[Checkpoint | None, str | None, str | None]:
+def find_base(patch: Patch, *, allow_pickle: bool = False,
+              progress: ProgressFn | None = None) -> tuple[Checkpoint | None, str | None, str | None]:
     """The patch's recorded base model when it can be had: (checkpoint, path, note)."""
     spec = patch.base_model
     if not spec:
@@ -1034,11 +1024,12 @@ def find_base(patch: Patch, *, allow_pickle: bool = False) -> tuple[Checkpoint |
     try:
         if local.exists():
             return Checkpoint.open(local, allow_pickle=allow_pickle), str(local), None
-        from portllm_cli.resolve import looks_like_repo_id, resolve
+        from portllm_cli.resolve import resolve
+        from portllm_cli.spec import looks_like_repo_id
 
         if not looks_like_repo_id(spec):
             return None, None, f"the patch's base {spec} is not on this machine"
-        res = resolve(spec, kind="model")
+        res = resolve(spec, kind="model", progress=progress, allow_pickle=allow_pickle)
         return Checkpoint.open(res.path, allow_pickle=allow_pickle), str(res.path), None
     except ImportError:
         return None, None, f"the patch's base {spec} is not local and Hub support is unavailable"
@@ -1062,7 +1053,7 @@ def diff_patch_model(
     compat = check_compatibility(patch, ckpt)
     base_path, note = None, None
     if base is None and find_base_model:
-        base, base_path, note = find_base(patch, allow_pickle=allow_pickle)
+        base, base_path, note = find_base(patch, allow_pickle=allow_pickle, progress=progress)
     elif base is not None:
         base_path = str(base.root)
     elif not find_base_model:
@@ -1188,48 +1179,24 @@ class DiffReport:
         return doc
 
 
-def describe_dir(path: Path, limit: int = 8) -> str:
-    """What a directory holds, for an error about it."""
-    try:
-        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    except OSError as exc:
-        return f"unreadable ({exc.strerror})"
-    if not entries:
-        return "an empty directory"
-    shown = ", ".join(entries[:limit])
-    more = f" and {len(entries) - limit} more" if len(entries) > limit else ""
-    return f"{shown}{more}"
+def open_input(spec: str, *, allow_pickle: bool = False, verify: bool = True,
+               progress: ProgressFn | None = None) -> tuple[str, Patch | Checkpoint, str]:
+    """Resolve a diff argument by what it is and open it as a patch or a model: (kind, object, display)."""
+    from portllm_cli.resolve import resolve
 
-
-def open_input(spec: str, *, allow_pickle: bool = False, verify: bool = True) -> tuple[str, Patch | Checkpoint, str]:
-    """Resolve a diff argument and open it as a patch or a model: (kind, object, display)."""
-    from portllm_cli.resolve import looks_like_repo_id, resolve
-
-    if not Path(os.path.expanduser(spec)).exists() and not looks_like_repo_id(spec):
-        raise NotFoundError(f"{spec}: no such model or patch directory")
-    try:
-        res = resolve(spec, kind="model")
-    except ImportError:
-        raise NotFoundError(f"{spec}: no such local directory (and Hub support is not installed)") from None
-    path = res.path
-    gguf = _gguf_path(path)
-    if gguf is not None:
+    local = Path(os.path.expanduser(spec))
+    gguf = _gguf_path(local) if local.exists() else None
+    if gguf is not None:  # a GGUF model: fit only, against its own tensor names and shapes
         from portllm_cli.core.gguf_port import open_target
 
-        return "model", open_target(gguf), res.display
-    if not path.is_dir():
-        raise InvalidInputError(
-            f"{spec}: expected a model or patch directory, found a file ({path.name})",
-            hint="pass the directory that holds it",
-        )
-    if is_patch_dir(path):
-        return "patch", read_patch(path, verify=verify), res.display
-    has_weights = any(p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") for p in path.iterdir())
-    if (path / "config.json").exists() or has_weights:
-        return "model", Checkpoint.open(path, allow_pickle=allow_pickle), res.display
-    raise InvalidInputError(
-        f"{spec}: neither a model (no config.json or weights) nor a patch (no adapter_config.json); found: {describe_dir(path)}",
-    )
+        return MODEL, open_target(gguf), spec
+    try:
+        res = resolve(spec, progress=progress, allow_pickle=allow_pickle)
+    except ImportError:
+        raise NotFoundError(f"{spec}: no such local directory (and Hub support is not installed)") from None
+    if res.kind == PATCH:
+        return PATCH, read_patch(res.path, verify=verify), res.display
+    return MODEL, Checkpoint.open(res.path, allow_pickle=allow_pickle), res.display
 
 
 def diff_paths(
@@ -1247,14 +1214,14 @@ def diff_paths(
     ``base`` (a patch and a model only): the model the patch was trained on, instead of the one its
     manifest records; the model's drift from it is then set against the patch (module_drift).
     """
-    kind_a, obj_a, disp_a = open_input(a, allow_pickle=allow_pickle, verify=verify)
-    kind_b, obj_b, disp_b = open_input(b, allow_pickle=allow_pickle, verify=verify)
+    kind_a, obj_a, disp_a = open_input(a, allow_pickle=allow_pickle, verify=verify, progress=progress)
+    kind_b, obj_b, disp_b = open_input(b, allow_pickle=allow_pickle, verify=verify, progress=progress)
     base_ckpt: Checkpoint | None = None
     if base is not None:
         if {kind_a, kind_b} != {"patch", "model"}:
             raise UsageError(f"--base applies to a patch and a model; got {kind_a} {a} and {kind_b} {b}",
                              hint="portllm diff PATCH NEW_MODEL --base OLD_MODEL")
-        kind_base, base_obj, disp_base = open_input(base, allow_pickle=allow_pickle, verify=verify)
+        kind_base, base_obj, disp_base = open_input(base, allow_pickle=allow_pickle, verify=verify, progress=progress)
         if kind_base != "model":
             raise UsageError(f"--base {base}: is a patch; --base is the model the patch was trained on")
         base_ckpt = base_obj  # type: ignore[assignment]
@@ -1283,7 +1250,7 @@ def _gguf_path(path: Path) -> Path | None:
     """A GGUF model: a .gguf file, or a directory holding one GGUF (or split set) and no safetensors."""
     if path.is_file():
         return path if path.suffix == ".gguf" else None
-    if path.is_dir() and not (path / "config.json").exists() and not is_patch_dir(path):
+    if path.is_dir() and classify_dir(path) != PATCH and not (path / "config.json").exists():
         from portllm_cli.core.gguf_port import gguf_in_dir
 
         return gguf_in_dir(path, None)
@@ -1369,13 +1336,10 @@ def plot_layers(report: DiffReport, out: Path) -> Path:
             ax2.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="upper right")
             ax2.set_title("the patch against the drift of its weights", fontsize=9)
         fig.tight_layout()
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
+        from portllm_cli.io.atomic import atomic_output_file
+
+        with atomic_output_file(out) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     finally:
         plt.close(fig)
     return out

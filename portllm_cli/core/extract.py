@@ -29,7 +29,8 @@ from portllm_cli.errors import (
 from portllm_cli.io.atomic import atomic_output_dir
 from portllm_cli.io.checkpoint import Checkpoint, text_config
 from portllm_cli.patch import format as pf
-from portllm_cli.resolve import Resolved, model_record, resolve
+from portllm_cli.resolve import model_record, resolve
+from portllm_cli.spec import PATCH, Resolved
 
 if TYPE_CHECKING:
     import torch
@@ -90,23 +91,6 @@ class ExtractResult:
         return doc
 
 
-# -- what is SOURCE? ----------------------------------------------------------------------------
-def detect_source(path: Path) -> str:
-    """'adapter' for a PEFT adapter / portllm patch directory, 'model' for a checkpoint directory."""
-    if not path.exists():
-        raise NotFoundError(f"{path}: no such directory")
-    if not path.is_dir():
-        raise InvalidInputError(f"{path}: expected a directory, found a file")
-    if pf.is_patch_dir(path):
-        return "adapter"
-    if (path / "config.json").is_file():
-        return "model"
-    raise InvalidInputError(
-        f"{path}: neither a PEFT adapter (no {pf.ADAPTER_CONFIG}) nor a model (no config.json)",
-        hint="pass a directory written by PeftModel.save_pretrained or by model.save_pretrained",
-    )
-
-
 # -- the base an adapter was trained on ------------------------------------------------------------
 @dataclass
 class BaseInfo:
@@ -115,10 +99,11 @@ class BaseInfo:
     warnings: list[str] = field(default_factory=list)
 
 
-def _resolve_base(spec: str, revision: str | None = None) -> tuple[Resolved | None, str]:
+def _resolve_base(spec: str, revision: str | None = None, allow_pickle: bool = False,
+                  progress: ProgressFn | None = None) -> tuple[Resolved | None, str]:
     """The base, or None and why it could not be had (a missing path, an unreachable Hub ...)."""
     try:
-        return resolve(spec, kind="model", revision=revision), ""
+        return resolve(spec, kind="model", revision=revision, allow_pickle=allow_pickle, progress=progress), ""
     except ImportError:  # no Hub support in this build: a remote id cannot be fetched
         return None, "Hub access is not available"
     except PortllmError as exc:
@@ -132,6 +117,7 @@ def describe_base(
     base_check: bool = True,
     allow_pickle: bool = False,
     revision: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> BaseInfo:
     """Find the base, check the patch fits it, and build the manifest's base record.
 
@@ -143,7 +129,7 @@ def describe_base(
             f"{patch.path}: the adapter does not name its base model (no base_model_name_or_path)",
             hint="pass --base MODEL (a local directory or user/repo)",
         )
-    res, why = (spec, "") if isinstance(spec, Resolved) else _resolve_base(spec, revision)
+    res, why = (spec, "") if isinstance(spec, Resolved) else _resolve_base(spec, revision, allow_pickle, progress)
     shown = spec.display if isinstance(spec, Resolved) else spec
     if res is None:
         if base_check:
@@ -216,6 +202,7 @@ def write_patch_from_peft_dir(
     extra: dict[str, Any] | None = None,
     allow_pickle: bool = False,
     patch: pf.Patch | None = None,
+    progress: ProgressFn | None = None,
 ) -> tuple[pf.Patch, dict[str, Any], BaseInfo]:
     """Validate a PEFT adapter directory and write it as a portllm patch into ``dest``.
 
@@ -229,7 +216,8 @@ def write_patch_from_peft_dir(
         spec, revision = base, None
     else:  # PEFT records the base's Hub revision next to its id
         spec, revision = patch.config.get("base_model_name_or_path") or None, patch.config.get("revision") or None
-    info = describe_base(patch, spec, base_check=base_check, allow_pickle=allow_pickle, revision=revision)
+    info = describe_base(patch, spec, base_check=base_check, allow_pickle=allow_pickle, revision=revision,
+                         progress=progress)
     cfg = _clean_adapter_config(patch, info.model)
     fields: dict[str, Any] = {k: patch.manifest[k] for k in ("task", "training", "scores") if k in patch.manifest}
     fields.update({k: v for k, v in (extra or {}).items() if v is not None})
@@ -257,7 +245,7 @@ def extract_adapter(
     """A portable patch from a PEFT LoRA adapter directory: validated, factors copied, manifest written."""
     progress = progress or no_progress
     out = Path(out)
-    if detect_source(adapter.path) != "adapter":
+    if adapter.kind != PATCH:
         raise InvalidInputError(f"{adapter.display}: not a PEFT adapter (no {pf.ADAPTER_CONFIG})")
     patch = pf.read_patch(adapter.path, verify=True)
     progress("extract", 0, 1)
@@ -274,6 +262,7 @@ def extract_adapter(
             extra={"task": task},
             allow_pickle=allow_pickle,
             patch=patch,
+            progress=progress,
         )
     progress("extract", 1, 1)
     cfg = patch.config
@@ -439,7 +428,7 @@ def extract_svd(
         target_modules = [t.strip() for t in target_modules if t.strip()]
         if not target_modules:
             raise UsageError("--target-modules is empty")
-    if detect_source(finetuned.path) != "model":
+    if finetuned.kind == PATCH:
         raise InvalidInputError(f"{finetuned.display}: SVD extraction needs a fine-tuned model directory, this is an adapter")
     ft = Checkpoint.open(finetuned.path, allow_pickle=allow_pickle)
     bs = Checkpoint.open(base.path, allow_pickle=allow_pickle)

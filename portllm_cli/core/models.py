@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from portllm_cli.errors import InvalidInputError, NotFoundError, UnsafeInputError, UsageError
+from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError, UnsafeInputError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +94,15 @@ def _check_model_dir(path: Path, allow_pickle: bool) -> str | None:
     return gguf
 
 
+def _refused(path: Path, exc: ValueError) -> PortllmError:
+    """What transformers' ValueError while loading a config or model means, as one error line."""
+    msg = " ".join(str(exc).split())
+    if "trust_remote_code" in msg:
+        return UnsafeInputError(f"{path}: the model needs its own code to load",
+                                hint="pass --trust-remote-code if you trust its source")
+    return InvalidInputError(f"{path}: not a causal language model ({msg[:160]})")
+
+
 def check_causal_lm(path: Path, trust_remote_code: bool = False, *, allow_pickle: bool = False) -> None:
     """Fail with one line, before anything heavy loads, when a directory is not a causal LM."""
     import transformers
@@ -105,11 +114,7 @@ def check_causal_lm(path: Path, trust_remote_code: bool = False, *, allow_pickle
     try:
         cfg = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except ValueError as exc:
-        msg = " ".join(str(exc).split())
-        if "trust_remote_code" in msg:
-            raise UnsafeInputError(f"{path}: the model needs its own code to load",
-                                   hint="pass --trust-remote-code if you trust its source") from None
-        raise InvalidInputError(f"{path}: not a causal language model ({msg[:160]})") from None
+        raise _refused(path, exc) from None
     except (OSError, KeyError, TypeError) as exc:
         raise InvalidInputError(f"{path}: unreadable model config ({' '.join(str(exc).split())[:160]})") from None
     auto_map = getattr(cfg, "auto_map", None) or {}
@@ -143,11 +148,7 @@ def load_causal_lm(
         with _quiet_gguf_bar() if gguf else contextlib.nullcontext():
             model = transformers.AutoModelForCausalLM.from_pretrained(str(_model_dir(path)), **kwargs)
     except ValueError as exc:
-        msg = " ".join(str(exc).split())
-        if "trust_remote_code" in msg:
-            raise UnsafeInputError(f"{path}: the model needs its own code to load",
-                                   hint="pass --trust-remote-code if you trust its source") from None
-        raise InvalidInputError(f"{path}: not a causal language model ({msg[:160]})") from None
+        raise _refused(path, exc) from None
     except (OSError, KeyError, TypeError, RuntimeError) as exc:
         msg = " ".join(str(exc).split())
         raise InvalidInputError(f"{path}: cannot load as a causal language model ({msg[:160]})") from None

@@ -1,7 +1,9 @@
-"""The progress callback every long core function accepts; the CLI draws it with rich."""
+"""Progress, in one place: the callback every long core function accepts (the CLI draws it with
+rich), and the silencing of the bars libraries would draw themselves."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Optional
 
 # progress(label, completed, total): label names the current phase ("port", "shard 2/4" ...);
@@ -24,3 +26,19 @@ def silenced_tqdm(bar: type) -> type:
             super().__init__(*args, **kwargs)
 
     return Silent
+
+
+def silence_library_bars() -> None:
+    """Turn off, process-wide, the progress bars transformers (loading shards) and datasets (when
+    already imported) draw themselves: portllm reports through ProgressFn, or shows nothing under
+    --json / --quiet. Bars that ignore those switches are swapped for :func:`silenced_tqdm`
+    (lm-eval's, transformers' GGUF dequantization, huggingface_hub's downloads)."""
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    datasets = sys.modules.get("datasets")
+    if datasets is not None and hasattr(datasets, "disable_progress_bars"):
+        datasets.disable_progress_bars()

@@ -26,11 +26,12 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from portllm_cli.core import models as _models
+from portllm_cli.core.config import FinetuneConfig
 from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.core.tasks import Example, Recipe, data_fingerprint, get_recipe, load_rows
 from portllm_cli.errors import (
@@ -71,9 +72,9 @@ class FinetuneResult:
     is_main_process: bool = True
 
     def summary(self) -> dict[str, Any]:
-        kind = "model" if self.full else "patch"
         return {
-            kind: str(self.out),
+            "out": str(self.out),  # the patch, or with full the model directory
+            "full": self.full,
             "steps": self.steps,
             "epochs": round(self.epochs, 4),
             "final_loss": self.final_loss,
@@ -81,12 +82,13 @@ class FinetuneResult:
             "tokens_per_s": round(self.tokens_per_s, 2),
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory_kind": self.peak_memory_kind,
-            "wall_s": round(self.wall_s, 3),
+            "seconds": round(self.wall_s, 3),
             "examples": self.examples,
             "trainable_params": self.trainable_params,
             "resumed_from": self.resumed_from,
             "device": self.device,
             "num_processes": self.num_processes,
+            "warnings": [],
         }
 
 
@@ -283,26 +285,6 @@ def _settings_hash(settings: dict[str, Any]) -> str:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def _validate(rank: int, alpha: float, dropout: float, lr: float, epochs: int, max_steps: int | None,
-              batch_size: int, grad_accum: int, max_length: int, save_every: int | None, warmup_steps: int) -> None:
-    checks = [
-        (rank >= 1, f"--rank must be at least 1, got {rank}"),
-        (alpha > 0, f"--alpha must be positive, got {alpha}"),
-        (0.0 <= dropout < 1.0, f"--dropout must be in [0, 1), got {dropout}"),
-        (lr > 0 and math.isfinite(lr), f"--lr must be positive, got {lr}"),
-        (epochs >= 1, f"--epochs must be at least 1, got {epochs}"),
-        (max_steps is None or max_steps >= 1, f"--max-steps must be at least 1, got {max_steps}"),
-        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
-        (grad_accum >= 1, f"--grad-accum must be at least 1, got {grad_accum}"),
-        (max_length >= 2, f"--max-length must be at least 2, got {max_length}"),
-        (save_every is None or save_every >= 1, f"--save-every must be at least 1, got {save_every}"),
-        (warmup_steps >= 0, f"--warmup-steps must not be negative, got {warmup_steps}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UsageError(msg)
-
-
 def _resolve_targets(model: Any, targets: Sequence[str]) -> list[str]:
     import torch
 
@@ -324,7 +306,8 @@ def _resolve_targets(model: Any, targets: Sequence[str]) -> list[str]:
 
 def _base_record(res: Any, model: Any, shapes: dict[str, list[int]]) -> dict[str, Any]:
     from portllm_cli.io.checkpoint import Checkpoint, architecture_fingerprint
-    from portllm_cli.resolve import content_hash, model_record
+    from portllm_cli.io.hashing import content_hash
+    from portllm_cli.resolve import model_record
 
     gguf = _models.gguf_file(res.path)
     if gguf is None:
@@ -460,61 +443,91 @@ def finetune(
     model: str,
     task: str,
     out: Path,
+    config: FinetuneConfig | None = None,
     *,
-    data: Path | None = None,
-    text_field: str | None = None,
-    label_field: str | None = None,
-    label_map: dict[str, str] | None = None,
-    rank: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.1,
-    lr: float = 1e-4,
-    epochs: int = 10,
-    max_steps: int | None = None,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    max_length: int = 256,
-    target_modules: Sequence[str] = ("q_proj", "v_proj"),
-    seed: int = 1234,
-    dtype: str = "auto",
-    device: str = "auto",
-    save_every: int | None = None,
-    resume: bool = False,
-    keep_checkpoints: bool = False,
-    gradient_checkpointing: bool = False,
-    full: bool = False,
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
     progress: ProgressFn | None = None,
+    **overrides: Any,
 ) -> FinetuneResult:
-    """Train a LoRA patch (or, with ``full``, a whole model) on a task; write it to ``out``."""
-    import torch
+    """Train a LoRA patch (or, with ``config.full``, a whole model) on a task; write it to ``out``.
 
-    from portllm_cli.io.atomic import atomic_output_dir, check_output
-    from portllm_cli.resolve import resolve
-
+    ``config`` holds every setting (the command line builds it once); keyword ``overrides`` replace
+    single fields (``finetune(m, "sst2", out, lr=3e-4, max_steps=100)``). Three phases: prepare
+    (resolve the model, read and tokenize the data, load and wrap the model, restore a checkpoint),
+    the training loop, and writing the patch or model.
+    """
     t_start = time.perf_counter()
+    cfg = FinetuneConfig.build(config, overrides)
     progress = progress or no_progress
     if os.environ.get("RANK", "0") != "0":
         progress = no_progress  # under accelerate launch only the main process draws
-    dtype = str(getattr(dtype, "value", dtype))
-    device = str(getattr(device, "value", device))
-    _validate(rank, alpha, dropout, lr, epochs, max_steps, batch_size, grad_accum, max_length, save_every, warmup_steps)
+    run = _prepare(model, task, Path(out), cfg, progress)
+    trained = _train(run, cfg, progress)
+    return _write(run, trained, cfg, progress, t_start)
+
+
+@dataclass
+class _Run:
+    """What the prepare phase hands to the loop and the writer."""
+
+    out: Path
+    recipe: Recipe
+    res: Any  # Resolved model
+    data_path: Path | None
+    data_record: dict[str, Any]
+    tok: Any
+    feats: list[tuple[list[int], list[int]]]
+    accelerator: Any
+    dev: str
+    sharded: bool
+    base: Any
+    orig_dtype: str | None
+    settings: dict[str, Any]  # the manifest's hyperparameters
+    targets: list[str]
+    shapes: dict[str, list[int]]
+    net: Any
+    optimizer: Any
+    scheduler: Any
+    n_trainable: int
+    sparse_logits: bool
+    groups0: list[list[list[int]]]
+    steps_per_epoch: int
+    total_steps: int
+    ckpt_root: Path
+    run_hash: str
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+    train_s: float = 0.0
+    resumed_from: int | None = None
+
+
+@dataclass
+class _Trained:
+    step: int
+    losses: list[float]
+    tokens_seen: int
+    train_elapsed: float
+
+
+def _prepare(model: str, task: str, out: Path, cfg: FinetuneConfig, progress: ProgressFn) -> _Run:
+    """Everything before the first step: inputs checked, data tokenized, model loaded and wrapped."""
+    import torch
+
+    from portllm_cli.io.atomic import check_output
+    from portllm_cli.resolve import resolve
+
     recipe = get_recipe(task)
-    out = Path(out)
     ckpt_root = checkpoint_dir_for(out)
-    res = resolve(model, kind="model", revision=revision)
-    data_path = Path(data) if data is not None else None
-    check_output(out, overwrite=overwrite, inputs=tuple(p for p in (res.path, data_path) if p is not None))
-    if resume:
+    res = resolve(model, kind="model", revision=cfg.revision, progress=progress,
+                  trust_remote_code=cfg.trust_remote_code)
+    data_path = Path(cfg.data) if cfg.data is not None else None
+    check_output(out, overwrite=cfg.overwrite, inputs=tuple(p for p in (res.path, data_path) if p is not None))
+    if cfg.resume:
         if latest_checkpoint(ckpt_root) is None:
             raise NotFoundError(f"{ckpt_root}: no checkpoint to resume from",
                                 hint="run without --resume to start from step 0")
     elif ckpt_root.exists():
-        if not overwrite:
+        if not cfg.overwrite:
             raise OutputExistsError(
                 f"{ckpt_root}: a checkpoint of an earlier run exists",
                 hint="pass --resume to continue it, or --overwrite to start over",
@@ -522,41 +535,42 @@ def finetune(
 
     # data first: a bad file fails in a second, before the model loads
     progress("load data", 0, 1)
-    rows = load_rows(recipe, data_path, split="train", text_field=text_field, label_field=label_field,
-                     label_map=label_map)
+    rows = load_rows(recipe, data_path, split="train", text_field=cfg.text_field, label_field=cfg.label_field,
+                     label_map=dict(cfg.label_map) if cfg.label_map is not None else None)
     if data_path is not None:
         data_record: dict[str, Any] = data_fingerprint(data_path, rows=len(rows))
     else:
         data_record = {"hub_dataset": recipe.hub_dataset, "hub_config": recipe.hub_config,
                        "split": recipe.train_split, "rows": len(rows)}
-    _models.check_causal_lm(res.path, trust_remote_code)
-    tok = _models.load_tokenizer(res.path, trust_remote_code)
-    feats = build_features(recipe, rows, tok, max_length)
+    _models.check_causal_lm(res.path, cfg.trust_remote_code)
+    tok = _models.load_tokenizer(res.path, cfg.trust_remote_code)
+    feats = build_features(recipe, rows, tok, cfg.max_length)
     progress("load data", 1, 1)
     if not feats:
         raise InvalidInputError(f"{data_path or recipe.hub_dataset}: no training examples after tokenization "
                                 "(the dataset is empty or every answer was cut off)")
 
-    accelerator, mixed_precision = _make_accelerator(device, dtype)
+    accelerator, mixed_precision = _make_accelerator(cfg.device, cfg.dtype)
     dev = str(accelerator.device)
     sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
-    if sharded and (save_every or resume):
+    if sharded and (cfg.save_every or cfg.resume):
         raise UsageError(f"--save-every/--resume are not supported under {accelerator.distributed_type.value} "
                          "(the weights are sharded); use plain data parallel, or run without them")
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     progress("load model", 0, 1)
-    base = _models.load_causal_lm(res.path, dtype, None, trust_remote_code)
+    base = _models.load_causal_lm(res.path, cfg.dtype, None, cfg.trust_remote_code)
     progress("load model", 1, 1)
     orig_dtype = _source_dtype(res.path)
 
     settings: dict[str, Any] = {
-        "task": recipe.name, "rank": rank, "alpha": alpha, "dropout": dropout, "lr": lr, "epochs": epochs,
-        "max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length,
-        "seed": seed, "dtype": dtype, "mixed_precision": mixed_precision, "full": full,
-        "warmup_steps": warmup_steps, "weight_decay": weight_decay, "gradient_checkpointing": gradient_checkpointing,
+        "task": recipe.name, "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "lr": cfg.lr,
+        "epochs": cfg.epochs, "max_steps": cfg.max_steps, "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum, "max_length": cfg.max_length, "seed": cfg.seed, "dtype": cfg.dtype,
+        "mixed_precision": mixed_precision, "full": cfg.full, "warmup_steps": cfg.warmup_steps,
+        "weight_decay": cfg.weight_decay, "gradient_checkpointing": cfg.gradient_checkpointing,
         "num_processes": accelerator.num_processes,
     }
-    if full:
+    if cfg.full:
         targets: list[str] = []
         shapes: dict[str, list[int]] = {}
         for p in base.parameters():
@@ -565,42 +579,52 @@ def finetune(
     else:
         from peft import LoraConfig, get_peft_model
 
-        targets = _resolve_targets(base, target_modules)
+        targets = _resolve_targets(base, cfg.target_modules)
         shapes = _models.module_shapes(base, targets)
-        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                         bias="none", task_type="CAUSAL_LM")
-        net = get_peft_model(base, cfg)
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                          bias="none", task_type="CAUSAL_LM")
+        net = get_peft_model(base, lora)
     settings["target_modules"] = targets
-    if gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(net, "config"):
             net.config.use_cache = False
     params = [p for p in net.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     sparse_logits = _supports_sparse_logits(base)
     n = len(feats)
-    groups0 = epoch_groups(n, 0, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
+    groups0 = epoch_groups(n, 0, seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                            num_processes=accelerator.num_processes, process_index=accelerator.process_index)
     steps_per_epoch = len(groups0)
-    total_steps = max_steps if max_steps is not None else epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup_steps, total_steps))
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, total_steps))
     net, optimizer = accelerator.prepare(net, optimizer)
 
     run_key = {"settings": settings, "data": data_record.get("sha256") or data_record, "base": str(res.path.resolve()),
                "examples": n}
-    run_hash = _settings_hash(run_key)
-    step, losses, tokens_seen, train_s, resumed_from = 0, [], 0, 0.0, None
-    if not resume and ckpt_root.exists() and accelerator.is_main_process:
+    run = _Run(out, recipe, res, data_path, data_record, tok, feats, accelerator, dev, sharded, base, orig_dtype,
+               settings, targets, shapes, net, optimizer, scheduler, n_trainable, sparse_logits, groups0,
+               steps_per_epoch, total_steps, ckpt_root, _settings_hash(run_key))
+    if not cfg.resume and ckpt_root.exists() and accelerator.is_main_process:
         shutil.rmtree(ckpt_root)  # --overwrite: a stale checkpoint of another run
     accelerator.wait_for_everyone()
-    if resume:
-        step, losses, tokens_seen, train_s = _restore(latest_checkpoint(ckpt_root), run_hash, accelerator, net,
-                                                      optimizer, scheduler)
-        resumed_from = step
+    if cfg.resume:
+        run.step, run.losses, run.tokens_seen, run.train_s = _restore(
+            latest_checkpoint(ckpt_root), run.run_hash, accelerator, net, optimizer, scheduler)
+        run.resumed_from = run.step
+    return run
 
-    pad_id = tok.pad_token_id
+
+def _train(run: _Run, cfg: FinetuneConfig, progress: ProgressFn) -> _Trained:
+    """The loop: optimizer steps until ``total_steps``, checkpoints, and an exact stop on Ctrl-C."""
+    import torch
+
+    accelerator, net, optimizer, scheduler = run.accelerator, run.net, run.optimizer, run.scheduler
+    feats, n, steps_per_epoch, total_steps = run.feats, len(run.feats), run.steps_per_epoch, run.total_steps
+    step, losses, tokens_seen, train_s = run.step, run.losses, run.tokens_seen, run.train_s
+    pad_id = run.tok.pad_token_id
     net.train()
     label = "train"
     progress(label, step, total_steps)
@@ -609,7 +633,7 @@ def finetune(
     multi = accelerator.num_processes > 1
     # Reading a loss back from a GPU stalls its queue: on CUDA the per-step losses stay on the
     # device and are read in one go about twice a second; on CPU every step.
-    flush_every_s = 0.5 if dev.startswith("cuda") else 0.0
+    flush_every_s = 0.5 if run.dev.startswith("cuda") else 0.0
     pending_loss: list[Any] = []
     pending_tokens: list[Any] = []
     last_flush = time.perf_counter()
@@ -636,9 +660,9 @@ def finetune(
                  f"{_fmt_rate(rate)} tok/s", step, total_steps)
 
     def state_now() -> dict[str, Any]:
-        return {"step": step, "losses": losses, "tokens_seen": tokens_seen, "run_hash": run_hash,
+        return {"step": step, "losses": losses, "tokens_seen": tokens_seen, "run_hash": run.run_hash,
                 "train_s": train_s + (time.perf_counter() - t_loop), "total_steps": total_steps,
-                "steps_per_epoch": steps_per_epoch, "settings": settings}
+                "steps_per_epoch": steps_per_epoch, "settings": run.settings}
 
     sigint = _DeferredSigint()
     epoch = step // steps_per_epoch
@@ -646,8 +670,8 @@ def finetune(
         with sigint:
             while step < total_steps:
                 epoch = step // steps_per_epoch
-                groups = groups0 if epoch == 0 else epoch_groups(
-                    n, epoch, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
+                groups = run.groups0 if epoch == 0 else epoch_groups(
+                    n, epoch, seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                     num_processes=accelerator.num_processes, process_index=accelerator.process_index)
                 for group in groups[step % steps_per_epoch:]:
                     step_loss = torch.zeros((), device=accelerator.device)
@@ -658,7 +682,7 @@ def finetune(
                         sync = j == len(group) - 1
                         ctx = contextlib.nullcontext() if sync else accelerator.no_sync(net)
                         with ctx:
-                            loss = _answer_loss(net, batch, sparse_logits)
+                            loss = _answer_loss(net, batch, run.sparse_logits)
                             accelerator.backward(loss / len(group))
                         step_loss += loss.detach().float() / len(group)
                         step_tokens += batch["attention_mask"].sum()
@@ -673,13 +697,13 @@ def finetune(
                     pending_loss.append(step_loss)
                     pending_tokens.append(step_tokens)
                     rng_after_step = _rng_tensors()
-                    checkpoint_due = bool(save_every and step % save_every == 0 and step < total_steps)
+                    checkpoint_due = bool(cfg.save_every and step % cfg.save_every == 0 and step < total_steps)
                     if (checkpoint_due or step >= total_steps
                             or time.perf_counter() - last_flush >= flush_every_s):
                         flush(epoch)
                     sigint.check()
                     if checkpoint_due:
-                        save_checkpoint(ckpt_root, accelerator=accelerator, model=net, optimizer=optimizer,
+                        save_checkpoint(run.ckpt_root, accelerator=accelerator, model=net, optimizer=optimizer,
                                         scheduler=scheduler, state=state_now())
                     if step >= total_steps:
                         break
@@ -690,53 +714,61 @@ def finetune(
             raise Interrupted(f"interrupted at step {step}/{total_steps}",
                               hint="with several processes, --save-every checkpoints are what --resume uses") from None
         # a step cut short is discarded: the checkpoint is the state right after the last full step
-        save_checkpoint(ckpt_root, accelerator=accelerator, model=net, optimizer=optimizer,
+        save_checkpoint(run.ckpt_root, accelerator=accelerator, model=net, optimizer=optimizer,
                         scheduler=scheduler, state=state_now(), rng=rng_after_step)
         raise Interrupted(
-            f"interrupted at step {step}/{total_steps}; checkpoint saved in {ckpt_root}",
+            f"interrupted at step {step}/{total_steps}; checkpoint saved in {run.ckpt_root}",
             hint="run the same command with --resume to continue",
         ) from None
+    return _Trained(step, losses, tokens_seen, train_s + (time.perf_counter() - t_loop))
 
-    train_elapsed = train_s + (time.perf_counter() - t_loop)
-    tokens_per_s = tokens_seen / train_elapsed if train_elapsed > 0 else 0.0
-    peak, peak_kind = _peak_memory(dev)
+
+def _write(run: _Run, trained: _Trained, cfg: FinetuneConfig, progress: ProgressFn, t_start: float) -> FinetuneResult:
+    """The patch (or model) and its record, written atomically by the main process."""
+    from portllm_cli.io.atomic import atomic_output_dir
+
+    accelerator, net, out = run.accelerator, run.net, run.out
+    step, losses, n = trained.step, trained.losses, len(run.feats)
+    tokens_per_s = trained.tokens_seen / trained.train_elapsed if trained.train_elapsed > 0 else 0.0
+    peak, peak_kind = _peak_memory(run.dev)
     final_loss = losses[-1] if losses else float("nan")
     unwrapped = accelerator.unwrap_model(net)
     # FSDP / DeepSpeed shard the weights: gathering the full state dict is a collective call
-    gathered = accelerator.get_state_dict(net) if sharded else None
+    gathered = accelerator.get_state_dict(net) if run.sharded else None
     result = FinetuneResult(
-        out=out, steps=step, epochs=step / steps_per_epoch, final_loss=final_loss, losses=list(losses),
+        out=out, steps=step, epochs=step / run.steps_per_epoch, final_loss=final_loss, losses=list(losses),
         tokens_per_s=tokens_per_s, peak_memory_bytes=peak, peak_memory_kind=peak_kind, wall_s=0.0,
-        examples=n, trainable_params=n_trainable, full=full, resumed_from=resumed_from, device=dev,
+        examples=n, trainable_params=run.n_trainable, full=cfg.full, resumed_from=run.resumed_from, device=run.dev,
         num_processes=accelerator.num_processes, is_main_process=accelerator.is_main_process,
     )
     training = {
-        "steps": step, "epochs_completed": round(step / steps_per_epoch, 4), "steps_per_epoch": steps_per_epoch,
-        "examples": n, "final_loss": final_loss, "first_loss": losses[0] if losses else None,
-        "tokens_per_s": round(tokens_per_s, 2), "train_s": round(train_elapsed, 3),
-        "device": dev, "num_processes": accelerator.num_processes, "resumed_from": resumed_from,
+        "steps": step, "epochs_completed": round(step / run.steps_per_epoch, 4),
+        "steps_per_epoch": run.steps_per_epoch, "examples": n, "final_loss": final_loss,
+        "first_loss": losses[0] if losses else None, "tokens_per_s": round(tokens_per_s, 2),
+        "train_s": round(trained.train_elapsed, 3), "device": run.dev, "num_processes": accelerator.num_processes,
+        "resumed_from": run.resumed_from,
     }
     if accelerator.is_main_process:
         progress("write", 0, 1)
-        base_record = _base_record(res, unwrapped if full else unwrapped.get_base_model(), shapes)
-        with atomic_output_dir(out, overwrite=overwrite, inputs=tuple(p for p in (res.path, data_path) if p)) as tmp:
+        base_record = _base_record(run.res, unwrapped if cfg.full else unwrapped.get_base_model(), run.shapes)
+        inputs = tuple(p for p in (run.res.path, run.data_path) if p)
+        with atomic_output_dir(out, overwrite=cfg.overwrite, inputs=inputs) as tmp:
             training["wall_s"] = round(time.perf_counter() - t_start, 3)
-            if full:
-                _write_model(unwrapped, tok, tmp, orig_dtype if dtype == "auto" else None, gathered)
-                doc = {"format": "portllm-train", "base": base_record, "task": recipe.name, "data": data_record,
-                       "hyperparameters": settings, "training": training}
+            if cfg.full:
+                _write_model(unwrapped, run.tok, tmp, run.orig_dtype if cfg.dtype == "auto" else None, gathered)
+                doc = {"format": "portllm-train", "base": base_record, "task": run.recipe.name,
+                       "data": run.data_record, "hyperparameters": run.settings, "training": training}
                 (tmp / TRAIN_RECORD).write_text(json.dumps(doc, indent=2) + "\n")
                 result.manifest = doc
             else:
-                result.manifest = _write_patch(unwrapped, tmp, res, recipe, base_record, data_record, settings,
-                                               training, rank, alpha, dropout, targets, gathered)
+                result.manifest = _write_patch(unwrapped, tmp, run, cfg, base_record, training, gathered)
         progress("write", 1, 1)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and ckpt_root.exists():
-        if keep_checkpoints:
-            result.checkpoint_dir = ckpt_root
+    if accelerator.is_main_process and run.ckpt_root.exists():
+        if cfg.keep_checkpoints:
+            result.checkpoint_dir = run.ckpt_root
         else:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
+            shutil.rmtree(run.ckpt_root, ignore_errors=True)
     result.wall_s = time.perf_counter() - t_start
     return result
 
@@ -797,25 +829,23 @@ def _write_model(model: Any, tok: Any, out_dir: Path, orig_dtype: str | None,
     tok.save_pretrained(out_dir)
 
 
-def _write_patch(model: Any, out_dir: Path, res: Any, recipe: Recipe, base_record: dict[str, Any],
-                 data_record: dict[str, Any], settings: dict[str, Any], training: dict[str, Any],
-                 rank: int, alpha: float, dropout: float, targets: list[str],
-                 full_state: dict[str, Any] | None = None) -> dict[str, Any]:
+def _write_patch(model: Any, out_dir: Path, run: _Run, cfg: FinetuneConfig, base_record: dict[str, Any],
+                 training: dict[str, Any], full_state: dict[str, Any] | None = None) -> dict[str, Any]:
     from peft import get_peft_model_state_dict
 
     from portllm_cli.patch import format as fmt
 
     state = get_peft_model_state_dict(model, state_dict=full_state)
-    cfg = fmt.adapter_config(base_model=res.record_id, rank=rank, alpha=alpha, target_modules=targets,
-                             dropout=dropout)
-    modules = fmt.parse_modules({k: v.detach().cpu().contiguous() for k, v in state.items()}, cfg, out_dir)
+    adapter = fmt.adapter_config(base_model=run.res.record_id, rank=cfg.rank, alpha=cfg.alpha,
+                                 target_modules=run.targets, dropout=cfg.dropout)
+    modules = fmt.parse_modules({k: v.detach().cpu().contiguous() for k, v in state.items()}, adapter, out_dir)
     tensors = fmt.patch_tensors(modules)
-    lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": False,
-            "target_modules": sorted(targets), "modules": len(modules)}
-    source = {"tool": "portllm finetune", "task": recipe.name, "lm_eval_task": recipe.lm_eval_task,
-              "data": data_record, "hyperparameters": settings, "training": training}
+    lora = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "use_rslora": False,
+            "target_modules": sorted(run.targets), "modules": len(modules)}
+    source = {"tool": "portllm finetune", "task": run.recipe.name, "lm_eval_task": run.recipe.lm_eval_task,
+              "data": run.data_record, "hyperparameters": run.settings, "training": training}
     manifest = fmt.build_manifest(base=base_record, lora=lora, source=source)
-    return fmt.write_patch_files(out_dir, tensors, cfg, manifest)
+    return fmt.write_patch_files(out_dir, tensors, adapter, manifest)
 
 
 def continued_pretraining(
@@ -829,12 +859,13 @@ def continued_pretraining(
     batch_size: int = 16,
     max_length: int = 256,
     seed: int = 0,
-    **kwargs: Any,
+    progress: ProgressFn | None = None,
+    **overrides: Any,
 ) -> FinetuneResult:
     """Full-parameter continued pretraining on a plain-text corpus: an 'evolved' model, as in the paper.
 
     Equivalent to ``portllm finetune --task text --data CORPUS --full --out OUT``; the defaults
     (lr 3e-5, batch 16 x 256 tokens) are those that moved SmolLM2-135M by ~2% in 1,000 steps.
     """
-    return finetune(model, "text", out, data=corpus, full=True, lr=lr, max_steps=max_steps, epochs=epochs,
-                    batch_size=batch_size, max_length=max_length, seed=seed, **kwargs)
+    return finetune(model, "text", out, progress=progress, data=corpus, full=True, lr=lr, max_steps=max_steps,
+                    epochs=epochs, batch_size=batch_size, max_length=max_length, seed=seed, **overrides)

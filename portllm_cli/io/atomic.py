@@ -1,5 +1,8 @@
 """Outputs are written under a temporary sibling and renamed into place when complete.
 
+Directories go through :func:`atomic_output_dir`, single files (a plot, a results file, a cached
+download) through :func:`atomic_output_file`.
+
 An interrupted run therefore never leaves something that looks finished under the final
 name; a later run removes stale temporary siblings whose writer process is gone.
 
@@ -231,33 +234,29 @@ def _fsync_tree(root: Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             p = os.path.join(dirpath, name)
-            if os.path.islink(p):
-                continue
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                if exc.errno in _NO_SPACE or exc.errno == errno.EIO:
-                    raise  # delayed write-back failures surface here: the output is not intact
-            finally:
-                os.close(fd)
+            if not os.path.islink(p):
+                _fsync(p, report=True)
         _fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: str | Path, *, report: bool) -> None:
+    """Flush one file or directory to disk. With ``report``, a delayed write-back failure (disk full,
+    I/O error) is raised: the output is not intact. Anything else is ignored."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if report and (exc.errno in _NO_SPACE or exc.errno == errno.EIO):
+            raise
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync(path, report=False)
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -266,3 +265,29 @@ def copy_file(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
     except IsADirectoryError:
         raise InvalidInputError(f"{src}: expected a file") from None
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write ``path``'s content to; on success flush it to disk and
+    rename it to ``path`` (replacing it), on any failure remove it. Whether ``path`` may be replaced
+    is the caller's call. The temporary name follows :func:`atomic_output_dir`'s, so a later write
+    to the same path removes what a killed run left."""
+    path = Path(path)
+    clean_stale(path)
+    tmp = path.parent / f"{_tmp_prefix(path)}{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        _fsync(tmp, report=True)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_file_atomic(path: Path, data: str | bytes, *, encoding: str = "utf-8") -> None:
+    """Write a whole file with :func:`atomic_output_file`."""
+    with atomic_output_file(path) as tmp:
+        tmp.write_bytes(data.encode(encoding) if isinstance(data, str) else data)

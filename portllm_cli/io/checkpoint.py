@@ -21,7 +21,7 @@ from portllm_cli.errors import (
     UnsafeInputError,
 )
 from portllm_cli.io import strict_json
-from portllm_cli.io.safetensors import DTYPES, SafetensorsHeader, TensorInfo, read_header, read_tensor
+from portllm_cli.io.safetensors import SafetensorsHeader, TensorInfo, read_header, read_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -299,7 +299,9 @@ def load_pickle_state_dict(f: Path) -> dict[str, Any]:
     return sd
 
 
-CONFIG_INT_FIELDS = (
+# The architecture fields of a config, in one place: config.json type checks, the manifest's
+# fingerprint (and its type checks in patch.format), and what diff calls a different architecture.
+ARCH_INT_FIELDS = (
     "hidden_size",
     "num_hidden_layers",
     "num_attention_heads",
@@ -308,6 +310,10 @@ CONFIG_INT_FIELDS = (
     "vocab_size",
     "head_dim",
 )
+FINGERPRINT_FIELDS = ARCH_INT_FIELDS + ("tie_word_embeddings",)
+# Fields whose difference makes two models different architectures (a grown vocabulary or an
+# untied head is a change within one architecture, reported but not fatal).
+STRUCTURAL_FIELDS = ("model_type", "architectures") + tuple(f for f in ARCH_INT_FIELDS if f != "vocab_size")
 
 
 def validate_config(config: Any, where: Path) -> dict[str, Any]:
@@ -322,7 +328,7 @@ def validate_config(config: Any, where: Path) -> dict[str, Any]:
         mt = cfg.get("model_type")
         if mt is not None and not isinstance(mt, str):
             raise InvalidInputError(f"{where}: '{prefix}model_type' must be a string, got {mt!r}")
-        for k in CONFIG_INT_FIELDS:
+        for k in ARCH_INT_FIELDS:
             v = cfg.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise InvalidInputError(f"{where}: '{prefix}{k}' must be a non-negative integer, got {v!r}")
@@ -345,18 +351,6 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-FINGERPRINT_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "intermediate_size",
-    "vocab_size",
-    "head_dim",
-    "tie_word_embeddings",
-)
-
-
 def architecture_fingerprint(config: dict[str, Any], module_shapes: dict[str, list[int]] | None = None) -> dict[str, Any]:
     tc = text_config(config)
     fp: dict[str, Any] = {
@@ -369,7 +363,3 @@ def architecture_fingerprint(config: dict[str, Any], module_shapes: dict[str, li
     if module_shapes is not None:
         fp["modules"] = {k: list(v) for k, v in sorted(module_shapes.items())}
     return fp
-
-
-def known_dtype_names() -> list[str]:
-    return list(DTYPES)

@@ -1,16 +1,23 @@
-"""JSON from untrusted files, parsed strictly.
+"""JSON in and out: untrusted files parsed strictly, documents written as standard JSON.
 
 ``json.loads`` silently keeps the last of two equal keys, so ``{"r": 4, "r": 64}`` means one thing
 to Python and possibly another to the tool that wrote or will read the file. Every header,
 config, index and manifest portllm reads goes through :func:`loads`, which refuses duplicate keys
 and turns every parser failure (bad UTF-8, bad syntax, absurd nesting, giant integers) into one
 :class:`InvalidInputError`.
+
+Going out, ``json.dumps`` writes a float NaN or infinity as the bare words ``NaN`` / ``Infinity``,
+which no standard JSON parser accepts (and it never hands a float to ``default``). Every document
+portllm prints or writes for scripts goes through :func:`dumps`, which turns non-finite numbers
+into ``null`` first.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+from pathlib import PurePath
+from typing import Any, Callable
 
 from portllm_cli.errors import InvalidInputError
 
@@ -57,3 +64,30 @@ def loads(data: bytes | str, *, where: object, what: str = "JSON file", allow_co
     except ValueError as exc:  # e.g. an integer with more digits than Python will convert
         first = " ".join(str(exc).split())[:120]
         raise InvalidInputError(f"{where}: malformed {what} ({first})") from None
+
+
+def finite(obj: Any) -> Any:
+    """A copy of a JSON-like document with NaN and infinities as None, paths as strings and
+    tuples as lists; anything else is left for ``json.dumps``'s ``default``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, PurePath):
+        return str(obj)
+    return obj
+
+
+def _refuse(obj: Any) -> Any:
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def dumps(doc: Any, *, indent: int | None = 2, default: Callable[[Any], Any] | None = None) -> str:
+    """Standard JSON text for ``doc``: non-finite numbers become null (see :func:`finite`)."""
+
+    def fallback(obj: Any) -> Any:  # what ``default`` returns is cleaned too
+        return finite((default or _refuse)(obj))
+
+    return json.dumps(finite(doc), indent=indent, default=fallback, allow_nan=False)

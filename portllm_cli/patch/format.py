@@ -12,7 +12,6 @@ The manifest (``format: portllm-patch``, ``format_version: 1``) is specified in 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,8 @@ from portllm_cli.errors import (
     UnsafeInputError,
     UnsupportedError,
 )
-from portllm_cli.io.checkpoint import read_json
+from portllm_cli.io.checkpoint import ARCH_INT_FIELDS, read_json
+from portllm_cli.io.hashing import sha256_file
 from portllm_cli.io.safetensors import parse_snapshot, read_snapshot, save_tensors
 
 if TYPE_CHECKING:
@@ -119,15 +119,6 @@ class Patch:
         return any(m.kind == "embedding" or "embed" in m.name or "lm_head" in m.name for m in self.modules.values())
 
 
-# -- hashing --------------------------------------------------------------------------------
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
@@ -138,10 +129,6 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return patterns[key]
     return default
-
-
-def is_patch_dir(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file()
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -374,8 +361,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         if not isinstance(fp, dict):
             raise InvalidInputError(f"{where}: 'fingerprint' must be an object")
         _check_type(fp, "model_type", (str,), f"{where}.fingerprint", "a string")
-        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "intermediate_size", "vocab_size", "head_dim"):
+        for k in ARCH_INT_FIELDS:
             _check_type(fp, k, (int,), f"{where}.fingerprint", "an integer")
         mods = fp.get("modules")
         if mods is not None and (

