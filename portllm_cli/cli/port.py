@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from enum import Enum
+from typing import Annotated, Optional
 
 import typer
 
@@ -35,6 +36,16 @@ Examples:
   # a patch from the Hub onto a model from the Hub; publish the retargeted adapter
   portllm port -p team/sst2-patch@v1 --to mistralai/Mistral-7B-v0.3 --as-adapter -o ./a --push-to-hub me/sst2-v0.3
 
+  # a PiSSA adapter saved unconverted, or one with modules_to_save: name the base it was trained on
+  portllm port -p ./pissa-lora --to ./llama-v2 --base ./llama-v1 -o ./out
+
+  # DoRA keeping the fine-tune's relative change of each weight norm; embeddings overwritten as PEFT does
+  portllm port -p ./dora-lora --to ./llama-v2 --base ./llama-v1 --dora relative --modules-to-save copy -o ./out
+
+Every tensor of the patch must change the model (merged) or land on one of its modules (adapter):
+the count is printed, and a patch that would change nothing, or a tensor of it that lands nowhere,
+exits 3.
+
 Exit codes: 0 ok, 1 failure, 2 usage, 3 patch does not fit the model, 4 integrity check failed.
 """
 
@@ -50,6 +61,46 @@ ScaleOpt = Annotated[
     typer.Option(
         "--scale",
         help="Multiply the patch's own alpha/r by this (finite, non-zero; negative subtracts the patch).",
+    ),
+]
+BaseOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--base",
+        "-b",
+        help="The model the patch was trained on (default: the one it records, when on this machine). Needed "
+        "for PiSSA/OLoRA adapters saved unconverted, modules_to_save / biases / trainable tokens ported as "
+        "a change, and --dora relative without recorded norms.",
+    ),
+]
+
+
+class DoraPolicy(str, Enum):
+    absolute = "absolute"
+    relative = "relative"
+
+
+class WholePolicy(str, Enum):
+    delta = "delta"
+    copy = "copy"
+
+
+DoraOpt = Annotated[
+    DoraPolicy,
+    typer.Option(
+        "--dora",
+        help="DoRA magnitudes on the new weights: 'absolute' keeps the trained magnitudes m (what PEFT does "
+        "when the adapter is loaded on the new model); 'relative' keeps the fine-tune's relative change, "
+        "m * ||W_new|| / ||W_old|| per output feature.",
+    ),
+]
+WholeOpt = Annotated[
+    WholePolicy,
+    typer.Option(
+        "--modules-to-save",
+        help="Whole tensors the adapter stores (modules_to_save, bias='all'/'lora_only', trainable token "
+        "rows): 'delta' adds what training changed, new + (saved - old base); 'copy' writes the saved "
+        "tensors over the new model's, as PEFT does.",
     ),
 ]
 VerifyOpt = Annotated[
@@ -72,6 +123,9 @@ def port(
     verify: VerifyOpt = False,
     no_verify: NoVerifyOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    base: BaseOpt = None,
+    dora: DoraOpt = DoraPolicy.absolute,
+    modules_to_save: WholeOpt = WholePolicy.delta,
     revision: RevisionOpt = None,
     push_to_hub: PushToHubOpt = None,
     json_: JsonOpt = False,
@@ -86,7 +140,9 @@ def port(
     core.check_scale(scale)
     patch_res = resolve(patch, kind="patch")
     target = resolve(to, kind="model", revision=revision)
-    common = dict(scale=scale, overwrite=overwrite, verify=verify, allow_pickle=allow_pickle, patch_source=patch_res)
+    base_res = resolve(base, kind="model") if base is not None else None
+    common = dict(scale=scale, overwrite=overwrite, verify=verify, allow_pickle=allow_pickle, patch_source=patch_res,
+                  dora=dora.value, modules_to_save=modules_to_save.value, base=base_res)
     with o.progress() as progress:
         if as_adapter:
             p = read_patch(patch_res.path, verify=not no_verify)
@@ -103,6 +159,8 @@ def port(
         f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s"
         + (" (verified)" if result.verified else "")
     )
+    o.info(f"{result.tensors_applied} of {result.tensors_total} patch tensors "
+           + ("applied" if not as_adapter else "land on modules of the target"))
     doc = result.as_dict()
     pushed = push_result_if_requested(result.out, push_to_hub, o)
     if pushed is not None:

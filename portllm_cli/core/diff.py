@@ -804,15 +804,21 @@ def diff_patch_model(
         note = "base lookup skipped"
     drift = None
     norms: dict[str, float] = {}
+    loc = compat.location
     for module, key in compat.key_map.items():
         m = patch.modules[module]
-        norms[key] = lowrank_norm(m.B, m.A, m.scale)
+        if loc is None or loc.lora[module].experts == 1:
+            norms[key] = lowrank_norm(m.B, m.A, m.scale)
     if base is not None and compat.key_map:
+        try:  # where the base stores the targeted weights (its own layout, like the model's)
+            base_keys = check_compatibility(patch, base).key_map
+        except PortllmError:
+            base_keys = {}
         base_names = set(base.names())
         pairs, missing = [], []
         for module, key in compat.key_map.items():
-            bkey = weight_key_for(module, base_names)
-            if bkey is None:
+            bkey = base_keys.get(module) or weight_key_for(module, base_names)
+            if bkey is None or bkey not in base_names:
                 missing.append(key)
             else:
                 pairs.append((bkey, key))
@@ -916,7 +922,12 @@ def open_input(spec: str, *, allow_pickle: bool = False, verify: bool = True) ->
             hint="pass the directory that holds it",
         )
     if is_patch_dir(path):
-        return "patch", read_patch(path, verify=verify), res.display
+        patch = read_patch(path, verify=verify)
+        if patch.init != "plain":  # PiSSA / OLoRA saved unconverted: what it means is its change
+            from portllm_cli.core.plan import Policy, prepare_patch
+
+            patch, _ = prepare_patch(patch, policy=Policy(whole="copy"), allow_pickle=allow_pickle)
+        return "patch", patch, res.display
     has_weights = any(p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") for p in path.iterdir())
     if (path / "config.json").exists() or has_weights:
         return "model", Checkpoint.open(path, allow_pickle=allow_pickle), res.display

@@ -193,7 +193,8 @@ class _Model:
 @dataclass
 class _Patch:
     spec: str
-    patch: Any  # portllm_cli.patch.format.Patch
+    patch: Any  # portllm_cli.patch.format.Patch, converted (core.plan.prepare_patch)
+    old: Any = None  # the old base, when the patch needs it (core.plan.OldBase)
 
 
 @dataclass
@@ -478,42 +479,34 @@ def load_model(path: Path, *, dtype: str, device: str, trust_remote_code: bool, 
     return model, tok
 
 
-def _param_for(model: Any, params: dict[str, Any], module: str, key: str) -> Any:
-    for cand in (key, f"{module}.weight"):
-        if cand in params:
-            return params[cand]
-    hits = [n for n in params if n.endswith("." + key) or n.endswith(f".{module}.weight")]
-    if len(hits) == 1:
-        return params[hits[0]]
-    raise UnsupportedError(f"the loaded model has no parameter for patch module {module!r} (checkpoint key {key!r})")
-
-
 @contextlib.contextmanager
-def patched(model: Any, patch: Any, key_map: dict[str, str]) -> Iterator[dict[str, "torch.Tensor"]]:
+def patched(model: Any, patch: Any, key_map: dict[str, str] | None = None, *, old: Any = None,
+            policy: Any = None) -> Iterator[dict[str, "torch.Tensor"]]:
     """Merge a patch into the live weights; on exit copy the originals back and check them bitwise.
 
-    Only the targeted weights are copied aside, once per storage: two modules whose weights share
-    memory (tied weights) both get their delta, and the one saved copy restores both.
+    What changes is planned on the loaded model itself (``core.plan`` over ``Layout.live``), so
+    this is the same merge as ``portllm port`` for every part of the patch (DoRA, biases, whole
+    tensors, experts). Weights that share memory (tied) are changed and restored once.
+    ``key_map`` is accepted for callers of the old signature and not needed.
     """
     import torch
 
-    from portllm_cli.core.merge import LoraEdit, Workspace, merge_in_place
+    from portllm_cli.core.layout import Layout
+    from portllm_cli.core.merge import Workspace, merge_in_place
+    from portllm_cli.core.plan import build_plan
 
-    params = dict(model.named_parameters())
+    plan = build_plan(patch, Layout.live(model), policy=policy, old=old)
+    params = dict(model.state_dict(keep_vars=True))
     saved: dict[int, tuple[str, Any, torch.Tensor]] = {}  # storage address -> (name, param, original)
     ws = Workspace()
     try:
         with torch.no_grad():
-            for module, key in key_map.items():
-                p = _param_for(model, params, module, key)
-                m = patch.modules[module]
-                if tuple(m.weight_shape) != tuple(p.shape):
-                    raise IncompatibleError(
-                        f"patch module {module}: delta shape {tuple(m.weight_shape)} does not match the loaded "
-                        f"weight {tuple(p.shape)}"
-                    )
-                saved.setdefault(p.data_ptr(), (key, p, p.detach().clone()))
-                merge_in_place(p.data, [LoraEdit(m)], ws)  # the same merge as `portllm port`
+            for key, edits in plan.edits.items():
+                name, _, expert = key.partition("[")
+                p = params[name]
+                saved.setdefault(p.data_ptr(), (name, p, p.detach().clone()))
+                target = p.data[int(expert[:-1])] if expert else p.data
+                merge_in_place(target, edits, ws)  # the same merge as `portllm port`
         yield {name: orig for name, _, orig in saved.values()}
     finally:
         with torch.no_grad():
@@ -876,6 +869,7 @@ def evaluate(
     from portllm_cli.core.models import check_causal_lm, resolve_device, torch_dtype
     from portllm_cli.io.atomic import atomic_output_dir, check_output
     from portllm_cli.io.checkpoint import Checkpoint
+    from portllm_cli.core.plan import prepare_patch
     from portllm_cli.patch.format import read_patch
     from portllm_cli.resolve import resolve
 
@@ -905,7 +899,8 @@ def evaluate(
     loaded_patches = []
     for spec in patches:
         res = resolve(spec, kind="patch")
-        loaded_patches.append(_Patch(spec, read_patch(res.path)))
+        patch, old = prepare_patch(read_patch(res.path), allow_pickle=allow_pickle)
+        loaded_patches.append(_Patch(spec, patch, old))
     configs, skipped = plan_configurations(loaded_models, loaded_patches, only)
 
     with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, contextlib.ExitStack() as stack:
@@ -938,7 +933,8 @@ def evaluate(
                         done += 1
                         report(f"eval · {_name} · {task}", done, total)
 
-                    ctx = patched(model_obj, c.patch.patch, c.key_map) if c.patch else contextlib.nullcontext()
+                    ctx = (patched(model_obj, c.patch.patch, c.key_map, old=c.patch.old) if c.patch
+                           else contextlib.nullcontext())
                     with ctx:
                         scores, sections, samples = run_tasks(
                             lm, plan, limit=limit, num_fewshot=num_fewshot,
