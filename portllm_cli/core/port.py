@@ -29,7 +29,7 @@ from portllm_cli import __version__
 from portllm_cli.core.compat import CompatReport, check_compatibility
 from portllm_cli.core.merge import Workspace, merge_tensor, merge_weight  # noqa: F401 (merge_weight: API)
 from portllm_cli.core.progress import ProgressFn, no_progress
-from portllm_cli.errors import IntegrityError, PortllmError, UnsupportedError, UsageError
+from portllm_cli.errors import IncompatibleError, IntegrityError, PortllmError, UnsupportedError, UsageError
 from portllm_cli.io.atomic import atomic_output_dir, copy_file
 from portllm_cli.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, Checkpoint, read_json
 from portllm_cli.io.safetensors import (
