@@ -463,7 +463,7 @@ def model_card(patch: Any, repo_id: str, revision: str | None = None) -> str:
     elif isinstance(targets, str):
         targets_text = targets
     else:
-        targets_text = ", ".join(sorted({short_module_kind(m) for m in patch.modules}))
+        targets_text = ", ".join(sorted({short_module_kind(m.module) for m in patch.modules.values()}))
     rows = [
         ("Base model", base or (patch.base_model or "unknown")),
         ("Task", task or "not recorded"),

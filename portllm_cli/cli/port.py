@@ -36,15 +36,16 @@ Examples:
   # a patch from the Hub onto a model from the Hub; publish the retargeted adapter
   portllm port -p team/sst2-patch@v1 --to mistralai/Mistral-7B-v0.3 --as-adapter -o ./a --push-to-hub me/sst2-v0.3
 
-  # a PiSSA adapter saved unconverted, or one with modules_to_save: name the base it was trained on
+  # PiSSA saved unconverted, or modules_to_save: name the base it was trained on
   portllm port -p ./pissa-lora --to ./llama-v2 --base ./llama-v1 -o ./out
 
-  # DoRA keeping the fine-tune's relative change of each weight norm; embeddings overwritten as PEFT does
-  portllm port -p ./dora-lora --to ./llama-v2 --base ./llama-v1 --dora relative --modules-to-save copy -o ./out
+  # DoRA keeping the relative change of each norm; saved modules copied as PEFT does
+  portllm port -p ./dora --to ./llama-v2 -b ./llama-v1 --dora relative \
+      --modules-to-save copy -o ./out
 
-Every tensor of the patch must change the model (merged) or land on one of its modules (adapter):
-the count is printed, and a patch that would change nothing, or a tensor of it that lands nowhere,
-exits 3.
+Every tensor of the patch must change the model (merged) or land on a module
+of it (adapter); the count is printed. A patch that would change nothing, or a
+tensor of it that lands nowhere, exits 3.
 
 Exit codes: 0 ok, 1 failure, 2 usage, 3 patch does not fit the model, 4 integrity check failed.
 """
