@@ -263,6 +263,15 @@ def test_gpt2_stored_without_its_prefix(models, tmp_path):
     assert_close_all(got, {k.removeprefix("transformer."): v for k, v in merged.items()}, atol=1e-6)
     assert not torch.equal(got["h.0.attn.c_attn.weight"], tensors(hub)["h.0.attn.c_attn.weight"])
 
+    # an adapter config that says fan_in_fan_out false: PEFT sets it on Conv1D anyway, so does portllm
+    flat = tmp_path / "ad-false"
+    shutil.copytree(ad, flat)
+    cfg = json.loads((flat / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = False
+    (flat / "adapter_config.json").write_text(json.dumps(cfg))
+    ok("port", "-p", flat, "--to", evo, "-o", tmp_path / "merged-false")
+    assert_close_all(tensors(tmp_path / "merged-false"), peft_merged(evo, flat).state_dict())
+
     doc = ok("port", "-p", ad, "--to", hub, "-o", tmp_path / "adapter", "--as-adapter")
     assert doc["patch_tensors"] == {"applied": 8, "total": 8}
     served = peft_logits(hub, tmp_path / "adapter")
@@ -619,3 +628,18 @@ def test_eval_patches_the_loaded_model_like_port(models, tmp_path):
     torch.testing.assert_close(inside, logits(auto(tmp_path / "m")), rtol=0, atol=1e-6)
     assert torch.equal(logits(model), plain)  # restored
     assert math.isfinite(float(inside.abs().max()))
+
+
+def test_eval_and_diff_refuse_a_pissa_adapter_without_its_base(models, tmp_path):
+    base, evo = models("llama")
+    raw = make_adapter(base, tmp_path / "raw", target_modules=["q_proj"], init_lora_weights="pissa",
+                       train=False, record_base=False)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"sentence": "good", "label": 1}\n')
+    for args in (["eval", "--model", evo, "--patch", raw, "--tasks", "sst2", "--data", f"sst2={data}"],
+                 ["diff", raw, evo]):
+        res = run(*args)
+        assert res.exit_code == 1, res.stderr
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+        assert len(errors) == 1 and "old base" in errors[0] and "pissa" in errors[0]
+        assert "--base" in res.stderr and res.stdout == ""

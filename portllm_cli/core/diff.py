@@ -924,9 +924,10 @@ def open_input(spec: str, *, allow_pickle: bool = False, verify: bool = True) ->
     if is_patch_dir(path):
         patch = read_patch(path, verify=verify)
         if patch.init != "plain":  # PiSSA / OLoRA saved unconverted: what it means is its change
-            from portllm_cli.core.plan import Policy, prepare_patch
+            from portllm_cli.core.plan import NO_BASE_FLAG_HINT, Policy, prepare_patch
 
-            patch, _ = prepare_patch(patch, policy=Policy(whole="copy"), allow_pickle=allow_pickle)
+            patch, _ = prepare_patch(patch, policy=Policy(whole="copy"), allow_pickle=allow_pickle,
+                                     hint=NO_BASE_FLAG_HINT)
         return "patch", patch, res.display
     has_weights = any(p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") for p in path.iterdir())
     if (path / "config.json").exists() or has_weights:

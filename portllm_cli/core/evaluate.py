@@ -869,7 +869,7 @@ def evaluate(
     from portllm_cli.core.models import check_causal_lm, resolve_device, torch_dtype
     from portllm_cli.io.atomic import atomic_output_dir, check_output
     from portllm_cli.io.checkpoint import Checkpoint
-    from portllm_cli.core.plan import prepare_patch
+    from portllm_cli.core.plan import NO_BASE_FLAG_HINT, prepare_patch
     from portllm_cli.patch.format import read_patch
     from portllm_cli.resolve import resolve
 
@@ -899,7 +899,7 @@ def evaluate(
     loaded_patches = []
     for spec in patches:
         res = resolve(spec, kind="patch")
-        patch, old = prepare_patch(read_patch(res.path), allow_pickle=allow_pickle)
+        patch, old = prepare_patch(read_patch(res.path), allow_pickle=allow_pickle, hint=NO_BASE_FLAG_HINT)
         loaded_patches.append(_Patch(spec, patch, old))
     configs, skipped = plan_configurations(loaded_models, loaded_patches, only)
 

@@ -168,7 +168,7 @@ def describe_base(
     ckpt = Checkpoint.open(res.path, allow_pickle=allow_pickle)
     report = check_compatibility(patch, ckpt)
     report.raise_if_incompatible(f"its base {res.display}")
-    shapes = {module: list(ckpt.shape(key)) for module, key in report.key_map.items()}
+    shapes = report.location.module_shapes()  # the shapes of the adapted parameters, as PEFT sees them
     record = model_record(res, ckpt, shapes)
     return BaseInfo(res.record_id, record, list(report.warnings), ckpt, dict(report.key_map))
 

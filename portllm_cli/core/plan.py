@@ -113,9 +113,16 @@ def _names(patch: Patch) -> list[str]:
     ]
 
 
+# Model types whose linear layers are transformers' Conv1D (weights stored (in, out)). PEFT treats
+# them as fan_in_fan_out whatever the adapter's config says; the stored names alone cannot tell.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
 def target_layout(patch: Patch, ckpt: "Checkpoint") -> Layout:
-    return layout_for(ckpt, _names(patch), plain=patch.is_plain() and not patch.full and not patch.tokens,
-                      touches_embeddings=patch.touches_embeddings())
+    plain = patch.is_plain()
+    if text_config(ckpt.config).get("model_type") in CONV1D_MODEL_TYPES and not patch.config.get("fan_in_fan_out"):
+        plain = False  # ask transformers which modules are Conv1D
+    return layout_for(ckpt, _names(patch), plain=plain, touches_embeddings=patch.touches_embeddings())
 
 
 # -- locating --------------------------------------------------------------------------------------
@@ -325,10 +332,12 @@ def needs_old_base(patch: Patch, policy: Policy, *, manifest_norms: bool = True)
     return why
 
 
-def require_old_base(patch: Patch, policy: Policy, old: OldBase | None, note: str | None = None) -> None:
+def require_old_base(patch: Patch, policy: Policy, old: OldBase | None, note: str | None = None,
+                     hint: str | None = None) -> None:
     why = needs_old_base(patch, policy)
     if why and old is None:
-        hint = BASE_HINT + (", or --modules-to-save copy to overwrite as PEFT does" if "whole tensors" in why[0] else "")
+        hint = hint or (BASE_HINT + (", or --modules-to-save copy to overwrite as PEFT does"
+                                     if "whole tensors" in why[0] else ""))
         where = f" ({note})" if note else ""
         raise NotFoundError(f"{patch.path}: the old base model is needed{where}: {why[0]}", hint=hint)
 
@@ -635,8 +644,13 @@ def open_old_base(patch: Patch, spec: Any = None, *, allow_pickle: bool = False)
     return None
 
 
+NO_BASE_FLAG_HINT = ("run 'portllm extract ADAPTER --base OLD_BASE --out PATCH' so that the patch records its "
+                     "base, and keep that base on this machine")
+
+
 def prepare_patch(
-    patch: Patch, *, policy: Policy | None = None, base: Any = None, allow_pickle: bool = False
+    patch: Patch, *, policy: Policy | None = None, base: Any = None, allow_pickle: bool = False,
+    hint: str | None = None,
 ) -> tuple[Patch, OldBase | None]:
     """The patch as plain parts (PiSSA/OLoRA converted) and the old base when its port needs one:
     ``base`` (a Resolved or a spec), else the base the patch records if it is on this machine.
@@ -645,7 +659,7 @@ def prepare_patch(
     old = None
     if needs_old_base(patch, policy) or base is not None:
         old = open_old_base(patch, base, allow_pickle=allow_pickle)
-    require_old_base(patch, policy, old)
+    require_old_base(patch, policy, old, hint=hint)
     if old is not None and patch.init != "plain":
         patch = convert_init(patch, old)
     return patch, old
