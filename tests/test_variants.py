@@ -643,3 +643,12 @@ def test_eval_and_diff_refuse_a_pissa_adapter_without_its_base(models, tmp_path)
         errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
         assert len(errors) == 1 and "old base" in errors[0] and "pissa" in errors[0]
         assert "--base" in res.stderr and res.stdout == ""
+
+
+def test_whole_tensor_and_lora_on_one_tied_matrix_is_refused(models, tmp_path):
+    """PEFT keeps a modules_to_save copy of lm_head apart from the tied embedding it LoRA-adapts;
+    a checkpoint whose config ties them cannot hold both: refused, not guessed."""
+    base, evo = models("llama-tied")
+    ad = make_adapter(base, tmp_path / "ad", target_modules=["embed_tokens"], modules_to_save=["lm_head"])
+    refused(1, "port", "-p", ad, "--to", evo, "-o", tmp_path / "o", "--modules-to-save", "copy",
+            words=["tie"])

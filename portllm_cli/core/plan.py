@@ -535,17 +535,35 @@ def build_plan(
             s = m.alpha / math.sqrt(m.rank) if m.use_rslora else m.alpha / m.rank
             for pl in lb.placements:
                 add(pl.key, BiasEdit(m.bias[pl.row0 : pl.row0 + pl.rows], s * policy.scale), f"{PEFT_PREFIX}{m.name}.lora_B.bias")
+    whole_owner: dict[str, str] = {}  # stored key -> the adapter tensor that sets it whole
+
+    def claim(key: str, source: str) -> None:
+        other = whole_owner.setdefault(key, source)
+        if other != source:
+            raise UnsupportedError(
+                f"the adapter saves both {other} and {source} whole, and the model stores them as one tensor "
+                f"({key}, tied): which one is meant cannot be told"
+            )
+
     for source, lw in sorted(loc.full.items()):
         f = patch.full[source]
         reader, old_rows = _old_reader(f.name, tuple(f.tensor.shape), policy, old, f"saved tensor {source}")
         for pl in lw.placements:
+            claim(pl.key, source)
             add(pl.key, WholeTensorEdit(f.tensor, reader, old_rows), f.key)
     for source, lw in sorted(loc.tokens.items()):
         t = patch.tokens[source]
         reader, old_rows = _old_reader(f"{source}.weight", (None, *tuple(t.values.shape[1:])), policy, old,
                                        f"trainable tokens of {source}")
         for pl in lw.placements:
+            claim(pl.key, source)
             add(pl.key, TokenRowsEdit(tuple(t.indices), t.values, reader, old_rows), t.key)
+    for key, owner in whole_owner.items():
+        if len(edits[key]) > 1:
+            raise UnsupportedError(
+                f"{key} is saved whole by the adapter ({owner}) and changed by a LoRA too, through weights the "
+                "model ties: PEFT keeps them apart in memory, a checkpoint with tied weights cannot"
+            )
     unused = [k for k, n in applied.items() if n == 0]
     if unused:
         raise IncompatibleError(f"patch tensor {unused[0]} lands on no weight of the model"
