@@ -35,7 +35,6 @@ from portllm_cli.errors import (
     InvalidInputError,
     NotFoundError,
     PortllmError,
-    UnsupportedError,
     UsageError,
 )
 

@@ -10,7 +10,9 @@ plus two targeted tensors in float32 (one per merge worker), whatever the model'
 patch directory, the copies start as soon as the patch's names and shapes (from its header) are
 known to fit, so importing torch and reading and verifying the factors overlap them.
 
-The merge itself (float32 sum, one rounding, row blocks) is ``portllm_cli.core.merge``.
+What is merged into which stored tensor (every part of the adapter, located through the
+model's layout) is ``portllm_cli.core.plan``: ``PortPlan.edits`` maps each targeted key to its
+edits. The merge itself (float32 sum, one rounding, row blocks) is ``portllm_cli.core.merge``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from portllm_cli import __version__
 from portllm_cli.core.compat import CompatReport, check_compatibility
-from portllm_cli.core.merge import Workspace, merge_tensor, merge_weight  # noqa: F401 (merge_weight: API)
+from portllm_cli.core.merge import Workspace, merge_tensor
 from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.errors import IncompatibleError, IntegrityError, PortllmError, UnsupportedError, UsageError
 from portllm_cli.io.atomic import atomic_output_dir, copy_file
-from portllm_cli.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, Checkpoint, read_json
+from portllm_cli.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, Checkpoint
 from portllm_cli.io.safetensors import (
     SafetensorsWriter,
     TensorInfo,
@@ -42,7 +44,6 @@ from portllm_cli.io.safetensors import (
 from portllm_cli.core.plan import OldBase, Policy, build_plan, prepare_patch, target_layout
 from portllm_cli.patch.format import (
     ADAPTER_WEIGHTS,
-    PEFT_PREFIX,
     Patch,
     build_manifest,
     now_iso,
@@ -99,8 +100,8 @@ class PortResult:
         }
 
 
-# -- the merge itself lives in core/merge.py; ``merge_weight`` is re-exported here as the
-# per-tensor hook tests/slow_port.py wraps.
+# -- the merge itself lives in core/merge.py; ``merge_tensor`` (imported here) is the per-tensor
+# hook tests/slow_port.py wraps; what is merged into which tensor is core/plan.py.
 def check_scale(scale: float) -> float:
     """--scale multiplies the patch's own alpha/r: finite and non-zero; negative subtracts it."""
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
