@@ -201,7 +201,7 @@ def _train_lora(model: Path, out: Path, data: str, sc: dict[str, Any], seed: int
 
 
 def _evaluate(model: Any, tok: Any, test: str, sc: dict[str, Any], patches: list | None = None) -> list[dict[str, Any]]:
-    """sst2 accuracy of the live model alone, then with each (name, patch, key_map) merged in turn."""
+    """sst2 accuracy of the live model alone, then with each (name, patch, _) merged in turn."""
     import contextlib
     import tempfile
 
@@ -211,7 +211,7 @@ def _evaluate(model: Any, tok: Any, test: str, sc: dict[str, Any], patches: list
 
     data = {"sst2": Path(test)}
     cfg = EvalConfig(data=data, batch_size=sc["eval_batch"])
-    todo = [(None, None, {})] + [(n, p, km or {m: f"{m}.weight" for m in p.modules}) for n, p, km in (patches or [])]
+    todo = [(None, None, None)] + [(n, p, None) for n, p, _ in (patches or [])]
     with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, contextlib.ExitStack() as stack:
         plan = harness.plan_offline(stack, ["sst2"], data, None, Path(tmp))
         with harness.quiet_lm_eval():
@@ -223,15 +223,6 @@ def _load(path: Path, device: str) -> tuple[Any, Any]:
     from portllm_cli.core.evaluate import load_model
 
     return load_model(path, dtype="auto", device=device, trust_remote_code=False, allow_pickle=False)
-
-
-def _key_map(patch: Any, model_dir: Path) -> dict[str, str]:
-    from portllm_cli.core.compat import check_compatibility
-    from portllm_cli.io.checkpoint import Checkpoint
-
-    rep = check_compatibility(patch, Checkpoint.open(model_dir))
-    rep.raise_if_incompatible(str(model_dir))
-    return dict(rep.key_map)
 
 
 def share(acc: float, evolved: float, retrained: float) -> float | None:
@@ -250,7 +241,7 @@ def base_scores(seed: int, base: Path, patch_base: Path, mat: dict[str, Any], sc
         t = time.perf_counter()
         model, tok = _load(base, device)
         p = read_patch(patch_base)
-        s0, s1 = _evaluate(model, tok, mat["test"], sc, [("patch", p, _key_map(p, base))])
+        s0, s1 = _evaluate(model, tok, mat["test"], sc, [("patch", p, None)])
         return {"base": s0, "base+patch": s1, "stage_s": time.perf_counter() - t}
 
     return cached_json(work / f"eval-base-s{seed}-{_key(str(base), patch_base.name, _sha(mat['test']))}.json", make)
@@ -310,13 +301,12 @@ def run_one(evo: dict[str, Any], seed: int, base: Path, patch_base: Path, mat: d
         t = time.perf_counter()
         model, tok = _load(evolved, device)
         pb, pe = read_patch(patch_base), read_patch(patch_evo)
-        km = _key_map(pb, evolved)
         data = load_data("sst2", Path(mat["calibration"]))
-        cal = calibrate_loaded(model, tok, pb, km, data, grid=grid)
+        cal = calibrate_loaded(model, tok, pb, data, grid=grid)
         stages["calibrate"] = time.perf_counter() - t
         t = time.perf_counter()
-        zero, retrained = _evaluate(model, tok, mat["test"], sc, [("retrained", pe, _key_map(pe, evolved))])
-        sp = ScaledPatch(model, pb, km)
+        zero, retrained = _evaluate(model, tok, mat["test"], sc, [("retrained", pe, None)])
+        sp = ScaledPatch(model, pb)
         try:
             sp.set(1.0)
             (plain,) = _evaluate(model, tok, mat["test"], sc)

@@ -146,7 +146,7 @@ def test_scores_equal_an_independent_computation(known):
     patch = read_patch(known["patch"])
     data = core.load_data("sst2", known["data"], limit=24)  # 24 rows: prompts of both labels, batches of 16 + 8
     model, tok = load_lm(known["evolved"])
-    res = core.calibrate_loaded(model, tok, patch, {"lm_head": "lm_head.weight"}, data, grid=[0.75, 1.5, 2.25],
+    res = core.calibrate_loaded(model, tok, patch, data, grid=[0.75, 1.5, 2.25],
                                 metric="loglik")
     lm = model.lm_head.weight.detach().clone()
     assert torch.equal(lm, load_tensors(known["evolved"] / "model.safetensors")["lm_head.weight"])  # restored
@@ -179,8 +179,7 @@ def test_scores_against_peft_on_attention_and_a_generation_task(llama_dir, llama
     data = core.load_data("gsm8k", f)
     model, tok = load_lm(llama_evolved_dir)
     patch = read_patch(lora, verify=False)
-    key_map = {m: f"{m}.weight" for m in patch.modules}
-    res = core.calibrate_loaded(model, tok, patch, key_map, data, grid=[0.5, 2.0], batch_size=2)  # auto: loglik
+    res = core.calibrate_loaded(model, tok, patch, data, grid=[0.5, 2.0], batch_size=2)  # auto: loglik
     assert res.scores[0].choice_loglik is None and res.scores[0].accuracy is None
     for s in res.scores:
         base, _ = load_lm(llama_evolved_dir)

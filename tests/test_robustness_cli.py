@@ -59,7 +59,7 @@ def _no_temp(parent: Path) -> bool:
         (lambda c: c.__setitem__("r", 0), "'r' must be a positive integer, got 0"),
         (lambda c: c.__setitem__("r", -8), "'r' must be a positive integer, got -8"),
         (lambda c: c.pop("lora_alpha"), "'lora_alpha' is missing"),
-        (lambda c: c.__setitem__("use_dora", True), "DoRA"),
+        (lambda c: c.__setitem__("init_lora_weights", "loftq"), "LoftQ"),
     ],
 )
 def test_port_bad_adapter_config(tmp_path, llama_dir, lora, edit, words):

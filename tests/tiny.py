@@ -66,6 +66,26 @@ def tiny_config(arch: str = "llama", vocab_size: int = VOCAB):
         return tf.Gemma3TextConfig(**common, head_dim=8, tie_word_embeddings=True, sliding_window=16)
     if arch == "llama-tied":
         return tf.LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "llama-bias":  # biases on the attention projections (lora_bias, bias="all")
+        return tf.LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True)
+    if arch == "gpt2":  # Conv1D layers: weights stored (in, out), PEFT's fan_in_fan_out
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=256,
+                             bos_token_id=0, eos_token_id=0)
+    if arch == "mixtral":  # experts stored one matrix each (w1/w2/w3), stacked in the module tree
+        return tf.MixtralConfig(**{**common, "num_hidden_layers": 1}, num_local_experts=4, num_experts_per_tok=2,
+                                tie_word_embeddings=False)
+    if arch == "qwen3moe":
+        return tf.Qwen3MoeConfig(**{**common, "num_hidden_layers": 1}, moe_intermediate_size=48, num_experts=4,
+                                 num_experts_per_tok=2, head_dim=8, tie_word_embeddings=False)
+    if arch == "gemma3mm":  # Gemma3ForConditionalGeneration: language_model.model.* on disk
+        text = dict(common, head_dim=8, sliding_window=16)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            text.pop(k)
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=16, patch_size=8)
+        return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                               image_token_index=vocab_size - 20, boi_token_index=vocab_size - 19,
+                               eoi_token_index=vocab_size - 18)
     raise ValueError(arch)
 
 

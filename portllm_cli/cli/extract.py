@@ -40,6 +40,13 @@ Examples:
 
   # extract and publish in one go
   portllm extract ./my-lora --out ./sst2.patch --push-to-hub me/sst2-patch
+
+  # a PiSSA/OLoRA adapter saved unconverted: converted against its base (rank 2r)
+  portllm extract ./pissa-lora --base ./SmolLM2-135M --out ./sst2.patch
+
+DoRA, lora_bias, modules_to_save, biases, trainable tokens and MoE experts keep
+their config fields; a DoRA patch records its base's weight norms (for
+'portllm port --dora relative'). What cannot be ported exactly is refused.
 """
 
 

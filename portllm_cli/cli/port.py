@@ -47,6 +47,17 @@ Examples:
   # a merged GGUF (4-bit tensors the patch touches become Q8_0; everything else copied byte for byte)
   portllm port -p ./sst2.patch --to user/model-v2-GGUF --gguf-file model-v2.Q4_K_M.gguf -o ./v2-sst2
 
+  # PiSSA saved unconverted, or modules_to_save: name the base it was trained on
+  portllm port -p ./pissa-lora --to ./llama-v2 --base ./llama-v1 -o ./out
+
+  # DoRA keeping the relative change of each norm; saved modules copied as PEFT does
+  portllm port -p ./dora --to ./llama-v2 -b ./llama-v1 --dora relative \
+      --modules-to-save copy -o ./out
+
+Every tensor of the patch must change the model (merged) or land on a module
+of it (adapter); the count is printed. A patch that would change nothing, or a
+tensor of it that lands nowhere, exits 3.
+
 Exit codes: 0 ok, 1 failure, 2 usage, 3 patch does not fit the model, 4 integrity check failed
 (also: a GGUF file that is truncated or lies about its layout).
 """
@@ -137,6 +148,46 @@ GgufLoraTypeOpt = Annotated[
     typer.Option("--gguf-lora-type", help="Type of the GGUF LoRA's factors (f32 is exact; q8_0 rows shorter "
                  "than 32 fall back to f16, as llama.cpp's converter does).", metavar="f32|f16|bf16|q8_0"),
 ]
+BaseOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--base",
+        "-b",
+        help="The model the patch was trained on (default: the one it records, when on this machine). Needed "
+        "for PiSSA/OLoRA adapters saved unconverted, modules_to_save / biases / trainable tokens ported as "
+        "a change, and --dora relative without recorded norms.",
+    ),
+]
+
+
+class DoraPolicy(str, Enum):
+    absolute = "absolute"
+    relative = "relative"
+
+
+class WholePolicy(str, Enum):
+    delta = "delta"
+    copy = "copy"
+
+
+DoraOpt = Annotated[
+    DoraPolicy,
+    typer.Option(
+        "--dora",
+        help="DoRA magnitudes on the new weights: 'absolute' keeps the trained magnitudes m (what PEFT does "
+        "when the adapter is loaded on the new model); 'relative' keeps the fine-tune's relative change, "
+        "m * ||W_new|| / ||W_old|| per output feature.",
+    ),
+]
+WholeOpt = Annotated[
+    WholePolicy,
+    typer.Option(
+        "--modules-to-save",
+        help="Whole tensors the adapter stores (modules_to_save, bias='all'/'lora_only', trainable token "
+        "rows): 'delta' adds what training changed, new + (saved - old base); 'copy' writes the saved "
+        "tensors over the new model's, as PEFT does.",
+    ),
+]
 VerifyOpt = Annotated[
     bool,
     typer.Option(
@@ -157,6 +208,9 @@ def port(
     verify: VerifyOpt = False,
     no_verify: NoVerifyOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    base: BaseOpt = None,
+    dora: DoraOpt = DoraPolicy.absolute,
+    modules_to_save: WholeOpt = WholePolicy.delta,
     revision: RevisionOpt = None,
     format_: FormatOpt = "",
     gguf_file: GgufFileOpt = None,
@@ -193,6 +247,7 @@ def port(
     with o.progress() as progress:
         patch_res = resolve(patch, kind="patch", progress=progress)
         target = _resolve_target(to, revision, gguf_file, progress=progress, allow_pickle=allow_pickle)
+        base_res = resolve(base, kind="model", progress=progress, allow_pickle=allow_pickle) if base else None
     gguf_target = target.path.suffix == ".gguf"
     if as_adapter and format_ == "gguf" or gguf_target:
         if calibrate is not None:
@@ -203,9 +258,10 @@ def port(
             )
         _port_gguf(o, patch_res, target, out, as_adapter=as_adapter, format_=format_ or "gguf", scale=scale,
                    overwrite=overwrite, verify=verify, no_verify=no_verify, allow_pickle=allow_pickle,
-                   merged_type=gguf_merged_type, lora_type=gguf_lora_type, push_to_hub=push_to_hub)
+                   merged_type=gguf_merged_type, lora_type=gguf_lora_type, push_to_hub=push_to_hub, base=base_res)
         return
-    common = dict(scale=scale, overwrite=overwrite, verify=verify, allow_pickle=allow_pickle, patch_source=patch_res)
+    common = dict(scale=scale, overwrite=overwrite, verify=verify, allow_pickle=allow_pickle, patch_source=patch_res,
+                  dora=dora.value, modules_to_save=modules_to_save.value, base=base_res)
     cal_warnings: list[str] = []
     with o.progress() as progress:
         if calibrate is not None:  # the scale first, from the data; then the port as with --scale
@@ -215,7 +271,8 @@ def port(
                 read_patch(patch_res.path, verify=not no_verify), target, calibrate, out, grid=cal_grid,
                 limit=calibrate_limit, metric=(calibrate_metric.value if calibrate_metric else "auto"),
                 device=(device.value if device else "auto"), overwrite=overwrite, allow_pickle=allow_pickle,
-                merging=not as_adapter, progress=progress,
+                merging=not as_adapter, dora=dora.value, modules_to_save=modules_to_save.value, base=base_res,
+                progress=progress,
             )
             cal_warnings = list(cal.warnings)
             common.update(scale=cal.scale, calibration=cal.as_dict())
@@ -237,6 +294,8 @@ def port(
         f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f} s"
         + (" (verified)" if result.verified else "")
     )
+    o.info(f"{result.tensors_applied} of {result.tensors_total} patch tensors "
+           + ("applied" if not as_adapter else "land on modules of the target"))
     doc = result.as_dict()
     pushed = push_result_if_requested(result.out, push_to_hub, o)
     if pushed is not None:
@@ -304,7 +363,7 @@ def _resolve_target(to: str, revision: str | None, gguf_file: str | None, *, pro
 
 
 def _port_gguf(o, patch_res, target, out, *, as_adapter, format_, scale, overwrite, verify, no_verify, allow_pickle,
-               merged_type, lora_type, push_to_hub) -> None:
+               merged_type, lora_type, push_to_hub, base=None) -> None:
     from pathlib import Path
 
     from portllm_cli.core import gguf_port
@@ -318,7 +377,10 @@ def _port_gguf(o, patch_res, target, out, *, as_adapter, format_, scale, overwri
     if as_adapter and format_ == "peft":
         raise UsageError("--format peft onto a GGUF target: a PEFT adapter needs a transformers model",
                          hint="use --format gguf (a GGUF LoRA for llama.cpp), or --to the safetensors model")
-    p = read_patch(patch_res.path, verify=not no_verify)
+    from portllm_cli.core.plan import prepare_patch
+
+    # PiSSA / OLoRA saved unconverted become their plain change first; other variants are refused there
+    p, _ = prepare_patch(read_patch(patch_res.path, verify=not no_verify), base=base, allow_pickle=allow_pickle)
     common = dict(scale=scale, overwrite=overwrite, verify=verify, patch_source=patch_res)
     with o.progress() as progress:
         if as_adapter:

@@ -343,46 +343,54 @@ def summarize(scale: float, examples: list[Any], requests: list[_Request], lls: 
 
 # -- the patch in memory, at any scale ---------------------------------------------------------
 class ScaledPatch:
-    """The targeted weights of a loaded model set to W + scale * s * B @ A for any scale, always
-    from the originals kept aside (one copy per storage: tied weights get every delta, rounded
-    once); the merge is core.merge's, the one `port` writes and `eval` patches with."""
+    """The targeted weights of a loaded model set to the patch merged at any scale, always from the
+    originals kept aside (one copy per storage: tied weights get every edit, rounded once). What is
+    merged is ``core.plan``'s plan on the live model at that scale, the merge is ``core.merge``'s:
+    the same as `port` writes and `eval` patches with."""
 
-    def __init__(self, model: Any, patch: "Patch", key_map: dict[str, str]) -> None:
-        from portllm_cli.core.evaluate import _param_for
+    def __init__(self, model: Any, patch: "Patch", *, old: Any = None, policy: Any = None) -> None:
+        import dataclasses
+
+        from portllm_cli.core.layout import Layout
         from portllm_cli.core.merge import Workspace
+        from portllm_cli.core.plan import Policy, build_plan
 
-        params = dict(model.named_parameters())
+        self._model, self._patch, self._old = model, patch, old
+        self._policy = policy or Policy()
+        self._layout = Layout.live(model)
         self._ws = Workspace()
-        self._groups: dict[int, tuple[str, Any, "torch.Tensor", list[Any]]] = {}
-        for module, key in sorted(key_map.items()):
-            p = _param_for(model, params, module, key)
-            m = patch.modules[module]
-            if tuple(m.weight_shape) != tuple(p.shape):
-                from portllm_cli.errors import IncompatibleError
-
-                raise IncompatibleError(f"patch module {module}: weight shape {tuple(m.weight_shape)} does not "
-                                        f"match the loaded model's {tuple(p.shape)}")
-            g = self._groups.get(p.data_ptr())
-            if g is None:
-                g = self._groups[p.data_ptr()] = (key, p, p.detach().to("cpu", copy=True), [])
-            g[3].append(m)
+        self._replace = dataclasses.replace
+        plan = build_plan(patch, self._layout, policy=self._policy, old=old)  # exit 3 before any scoring
+        params = dict(model.state_dict(keep_vars=True))
+        self._groups: dict[int, tuple[str, Any, "torch.Tensor"]] = {}
+        for key in plan.edits:
+            name = key.partition("[")[0]
+            p = params[name]
+            self._groups.setdefault(p.data_ptr(), (name, p, p.detach().to("cpu", copy=True)))
+        self._params = params
 
     def set(self, scale: float) -> None:
         import torch
 
-        from portllm_cli.core.merge import LoraEdit, merge_in_place
+        from portllm_cli.core.merge import merge_in_place
+        from portllm_cli.core.plan import build_plan
 
         with torch.no_grad():
-            for _, p, orig, modules in self._groups.values():
+            for _, p, orig in self._groups.values():
                 p.copy_(orig)
-                if scale != 0:
-                    merge_in_place(p.data, [LoraEdit(m, scale) for m in modules], self._ws)
+            if scale == 0:
+                return
+            plan = build_plan(self._patch, self._layout, policy=self._replace(self._policy, scale=scale), old=self._old)
+            for key, edits in plan.edits.items():
+                name, _, expert = key.partition("[")
+                p = self._params[name]
+                merge_in_place(p.data[int(expert[:-1])] if expert else p.data, edits, self._ws)
 
     def restore(self) -> None:
         import torch
 
         self.set(0.0)
-        bad = [key for key, p, orig, _ in self._groups.values() if not torch.equal(p.detach().cpu(), orig)]
+        bad = [key for key, p, orig in self._groups.values() if not torch.equal(p.detach().cpu(), orig)]
         if bad:
             raise PortllmError(f"internal error: {len(bad)} weights were not restored bitwise ({bad[0]})")
 
@@ -429,15 +437,19 @@ def calibrate_loaded(
     model: Any,
     tok: Any,
     patch: "Patch",
-    key_map: dict[str, str],
     data: CalibrationData,
     *,
     grid: list[float],
     metric: str = "auto",
     batch_size: int = BATCH_SIZE,
+    old: Any = None,
+    policy: Any = None,
     progress: ProgressFn | None = None,
 ) -> CalibrationResult:
-    """Score a model already in memory with the patch at every scale of the grid (and at 0)."""
+    """Score a model already in memory with the patch at every scale of the grid (and at 0).
+
+    ``old`` and ``policy`` are ``core.plan``'s (the old base, for the parts of a patch that need it;
+    --dora / --modules-to-save); the scale replaces the policy's."""
     t0 = time.perf_counter()
     metric = check_metric(metric, data.kind)
     progress = progress or no_progress
@@ -448,7 +460,7 @@ def calibrate_loaded(
     total = len(scales) * len(seqs)
     done = 0
     results: dict[float, ScaleScore] = {}
-    sp = ScaledPatch(model, patch, key_map)
+    sp = ScaledPatch(model, patch, old=old, policy=policy)
     try:
         for scale in scales:
             label = f"calibrate · scale {scale:g}"
@@ -508,10 +520,11 @@ def _context_window(model: Any) -> int:
 def calibrate(
     patch: "Patch",
     model_path: Path,
-    key_map: dict[str, str],
     data: CalibrationData,
     *,
     grid: list[float],
+    old: Any = None,
+    policy: Any = None,
     metric: str = "auto",
     device: str = "auto",
     dtype: str = "auto",
@@ -530,8 +543,8 @@ def calibrate(
         model, tok = load_model(Path(model_path), dtype=dtype, device=resolve_device(device),
                                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     try:
-        return calibrate_loaded(model, tok, patch, key_map, data, grid=grid, metric=metric, batch_size=batch_size,
-                                progress=progress)
+        return calibrate_loaded(model, tok, patch, data, grid=grid, metric=metric, batch_size=batch_size,
+                                old=old, policy=policy, progress=progress)
     finally:
         del model, tok
         _free_memory()
@@ -550,6 +563,9 @@ def calibrate_for_port(
     overwrite: bool = False,
     allow_pickle: bool = False,
     merging: bool = True,
+    dora: str = "absolute",
+    modules_to_save: str = "delta",
+    base: Any = None,
     progress: ProgressFn | None = None,
 ) -> CalibrationResult:
     """What `portllm port --calibrate` does before it ports: every check that can fail fast (the
@@ -557,18 +573,24 @@ def calibrate_for_port(
 
     The result's warnings include a reuse of the patch's own training data (same sha256).
     """
+    from portllm_cli.core.plan import Policy, prepare_patch
     from portllm_cli.core.port import plan_port
     from portllm_cli.io.atomic import check_output
 
     task, path = parse_spec(spec)
     metric = check_metric(metric)
-    plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=merging)  # exit 3 before any work
+    policy = Policy(1.0, dora, modules_to_save).check()
+    patch, old = prepare_patch(patch, policy=policy, base=base, allow_pickle=allow_pickle)
+    if patch.full or patch.tokens:
+        raise UsageError("--calibrate scales low-rank factors; this patch also carries whole tensors or token rows",
+                         hint="port it without --calibrate (at scale 1)")
+    plan_port(patch, target, allow_pickle=allow_pickle, merging=merging, policy=policy, old=old)  # exit 3 before any work
     check_output(Path(out), overwrite=overwrite, inputs=(target.path, patch.path, path))
     data = load_data(task, path, limit=limit)
     metric = check_metric(metric, data.kind)
     reused = reused_training_data(patch.manifest, data.sha256)
-    result = calibrate(patch, target.path, plan.key_map, data, grid=grid, metric=metric, device=device,
-                       allow_pickle=allow_pickle, progress=progress)
+    result = calibrate(patch, target.path, data, grid=grid, metric=metric, device=device,
+                       allow_pickle=allow_pickle, old=old, policy=policy, progress=progress)
     if reused:
         result.warnings.insert(0, f"the calibration file {path} is the patch's own training data (same sha256 as "
                                   f"{', '.join(reused)} in its manifest): the chosen scale fits the training set, "

@@ -1,13 +1,21 @@
-"""Does a patch fit a model? The one compatibility check that port, eval and diff share."""
+"""Does a patch fit a model? The one compatibility check that port, eval, extract and diff share.
+
+Where each part of the patch lands is ``core.plan.locate`` over the model's ``core.layout``;
+this adds the architecture and vocabulary checks and reports every mismatch as one line.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portllm_cli.errors import IncompatibleError
 from portllm_cli.io.checkpoint import Checkpoint, text_config
 from portllm_cli.patch.format import Patch
+
+if TYPE_CHECKING:
+    from portllm_cli.core.layout import Layout
+    from portllm_cli.core.plan import Location
 
 
 @dataclass
@@ -16,6 +24,7 @@ class CompatReport:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     key_map: dict[str, str] = field(default_factory=dict)  # patch module -> checkpoint weight key
+    location: "Location | None" = None
 
     def raise_if_incompatible(self, target: str = "the model") -> None:
         if not self.compatible:
@@ -30,7 +39,10 @@ class CompatReport:
 
 
 def weight_key_for(module: str, names: set[str]) -> str | None:
-    """Map a PEFT module path to the checkpoint's weight key (exact, else a unique suffix match)."""
+    """Map a PEFT module path to the checkpoint's weight key (exact, else a unique suffix match).
+
+    Only for comparing two checkpoints of one family (diff's base drift); what a patch changes is
+    located by ``core.plan.locate``."""
     key = f"{module}.weight"
     if key in names:
         return key
@@ -44,35 +56,21 @@ def weight_key_for(module: str, names: set[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def check_compatibility(patch: Patch, ckpt: Checkpoint) -> CompatReport:
-    errors: list[str] = []
-    warnings: list[str] = []
-    key_map: dict[str, str] = {}
+def check_compatibility(patch: Patch, ckpt: Checkpoint, layout: "Layout | None" = None) -> CompatReport:
+    from portllm_cli.core.plan import check_architecture, locate, target_layout
+
+    errors: list[str] = check_architecture(patch, ckpt.config)
+    layout = layout or target_layout(patch, ckpt)
+    loc = locate(patch, layout)
+    errors += loc.errors
+    warnings = list(loc.warnings)
     fp = ((patch.manifest.get("base") or {}).get("fingerprint")) or {}
-    model_cfg = ckpt.config
-    patch_type, model_type = fp.get("model_type"), model_cfg.get("model_type")
-    if patch_type and model_type and patch_type != model_type:
-        errors.append(f"architecture: patch was made for model_type {patch_type!r}, the model is {model_type!r}")
-    names = set(ckpt.names())
-    for module in sorted(patch.modules):
-        m = patch.modules[module]
-        key = weight_key_for(module, names)
-        if key is None:
-            errors.append(f"module {module}: not present in the model")
-            continue
-        shape = tuple(ckpt.shape(key))
-        if shape != tuple(m.weight_shape):
-            errors.append(
-                f"module {module}: patch expects weight shape {tuple(m.weight_shape)}, the model has {shape}"
-            )
-            continue
-        key_map[module] = key
     p_vocab = fp.get("vocab_size")
-    m_vocab = text_config(model_cfg).get("vocab_size")
+    m_vocab = text_config(ckpt.config).get("vocab_size")
     if p_vocab and m_vocab and p_vocab != m_vocab:
         msg = f"vocabulary size changed: {p_vocab} in the patch's base, {m_vocab} in the model"
         if patch.touches_embeddings():
             errors.append(msg + " (the patch adapts embeddings)")
         else:
             warnings.append(msg + "; the patch does not touch embeddings, so it still applies")
-    return CompatReport(not errors, errors, warnings, key_map)
+    return CompatReport(not errors, errors, warnings, loc.key_map, loc)

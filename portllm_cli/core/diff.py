@@ -1061,15 +1061,21 @@ def diff_patch_model(
     drift = None
     port = None
     norms: dict[str, float] = {}
+    loc = compat.location
     for module, key in compat.key_map.items():
         m = patch.modules[module]
-        norms[key] = lowrank_norm(m.B, m.A, m.scale)
+        if loc is None or loc.lora[module].experts == 1:
+            norms[key] = lowrank_norm(m.B, m.A, m.scale)
     if base is not None and compat.key_map:
+        try:  # where the base stores the targeted weights (its own layout, like the model's)
+            base_keys = check_compatibility(patch, base).key_map
+        except PortllmError:
+            base_keys = {}
         base_names = set(base.names())
         pairs, missing = [], []
         for module, key in compat.key_map.items():
-            bkey = weight_key_for(module, base_names)
-            if bkey is None:
+            bkey = base_keys.get(module) or weight_key_for(module, base_names)
+            if bkey is None or bkey not in base_names:
                 missing.append(key)
             else:
                 pairs.append((bkey, key))
@@ -1195,7 +1201,13 @@ def open_input(spec: str, *, allow_pickle: bool = False, verify: bool = True,
     except ImportError:
         raise NotFoundError(f"{spec}: no such local directory (and Hub support is not installed)") from None
     if res.kind == PATCH:
-        return PATCH, read_patch(res.path, verify=verify), res.display
+        patch = read_patch(res.path, verify=verify)
+        if patch.init != "plain":  # PiSSA / OLoRA saved unconverted: what it means is its change
+            from portllm_cli.core.plan import NO_BASE_FLAG_HINT, Policy, prepare_patch
+
+            patch, _ = prepare_patch(patch, policy=Policy(whole="copy"), allow_pickle=allow_pickle,
+                                     hint=NO_BASE_FLAG_HINT)
+        return PATCH, patch, res.display
     return MODEL, Checkpoint.open(res.path, allow_pickle=allow_pickle), res.display
 
 

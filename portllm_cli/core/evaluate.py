@@ -34,7 +34,6 @@ from portllm_cli.errors import (
     IncompatibleError,
     NotFoundError,
     PortllmError,
-    UnsupportedError,
     UsageError,
 )
 
@@ -154,7 +153,8 @@ class _Model:
 @dataclass
 class _Patch:
     spec: str
-    patch: Any  # portllm_cli.patch.format.Patch
+    patch: Any  # portllm_cli.patch.format.Patch, converted (core.plan.prepare_patch)
+    old: Any = None  # the old base, when the patch needs it (core.plan.OldBase)
 
 
 @dataclass
@@ -250,42 +250,34 @@ def load_model(path: Path, *, dtype: str, device: str, trust_remote_code: bool, 
     return model, tok
 
 
-def _param_for(model: Any, params: dict[str, Any], module: str, key: str) -> Any:
-    for cand in (key, f"{module}.weight"):
-        if cand in params:
-            return params[cand]
-    hits = [n for n in params if n.endswith("." + key) or n.endswith(f".{module}.weight")]
-    if len(hits) == 1:
-        return params[hits[0]]
-    raise UnsupportedError(f"the loaded model has no parameter for patch module {module!r} (checkpoint key {key!r})")
-
-
 @contextlib.contextmanager
-def patched(model: Any, patch: Any, key_map: dict[str, str]) -> Iterator[dict[str, "torch.Tensor"]]:
+def patched(model: Any, patch: Any, key_map: dict[str, str] | None = None, *, old: Any = None,
+            policy: Any = None) -> Iterator[dict[str, "torch.Tensor"]]:
     """Merge a patch into the live weights; on exit copy the originals back and check them bitwise.
 
-    Only the targeted weights are copied aside, once per storage: two modules whose weights share
-    memory (tied weights) both get their delta, and the one saved copy restores both.
+    What changes is planned on the loaded model itself (``core.plan`` over ``Layout.live``), so
+    this is the same merge as ``portllm port`` for every part of the patch (DoRA, biases, whole
+    tensors, experts). Weights that share memory (tied) are changed and restored once.
+    ``key_map`` is accepted for callers of the old signature and not needed.
     """
     import torch
 
-    from portllm_cli.core.merge import LoraEdit, Workspace, merge_in_place
+    from portllm_cli.core.layout import Layout
+    from portllm_cli.core.merge import Workspace, merge_in_place
+    from portllm_cli.core.plan import build_plan
 
-    params = dict(model.named_parameters())
+    plan = build_plan(patch, Layout.live(model), policy=policy, old=old)
+    params = dict(model.state_dict(keep_vars=True))
     saved: dict[int, tuple[str, Any, torch.Tensor]] = {}  # storage address -> (name, param, original)
     ws = Workspace()
     try:
         with torch.no_grad():
-            for module, key in key_map.items():
-                p = _param_for(model, params, module, key)
-                m = patch.modules[module]
-                if tuple(m.weight_shape) != tuple(p.shape):
-                    raise IncompatibleError(
-                        f"patch module {module}: delta shape {tuple(m.weight_shape)} does not match the loaded "
-                        f"weight {tuple(p.shape)}"
-                    )
-                saved.setdefault(p.data_ptr(), (key, p, p.detach().clone()))
-                merge_in_place(p.data, [LoraEdit(m)], ws)  # the same merge as `portllm port`
+            for key, edits in plan.edits.items():
+                name, _, expert = key.partition("[")
+                p = params[name]
+                saved.setdefault(p.data_ptr(), (name, p, p.detach().clone()))
+                target = p.data[int(expert[:-1])] if expert else p.data
+                merge_in_place(target, edits, ws)  # the same merge as `portllm port`
         yield {name: orig for name, _, orig in saved.values()}
     finally:
         with torch.no_grad():
@@ -328,21 +320,22 @@ def score_loaded(
     model: Any,
     tokenizer: Any,
     model_name: str,
-    patches: list[tuple[str | None, Any, dict[str, str]]],
+    patches: list[tuple[str | None, Any, Any]],
     plan: harness.TaskPlan,
     config: EvalConfig,
     *,
     log_samples: bool = False,
     on_task: Callable[[str, str], None] | None = None,
 ) -> list[ConfigResult]:
-    """Score a model already in memory on every task of ``plan``: for each (name, patch, key_map),
+    """Score a model already in memory on every task of ``plan``: for each (name, patch, old base),
     with that patch merged in (None: the model alone), removed and checked bitwise before the next.
+    The old base (``core.plan.prepare_patch``'s) is None unless the patch's parts need it.
     ``on_task(configuration name, task)`` is called after each task."""
     lm = harness.make_lm(model, tokenizer, config.batch)
     rows = []
-    for name, patch, key_map in patches:
+    for name, patch, old in patches:
         cname = config_name(model_name, name)
-        ctx = patched(model, patch, key_map) if patch is not None else contextlib.nullcontext()
+        ctx = patched(model, patch, old=old) if patch is not None else contextlib.nullcontext()
         with ctx:
             scores, sections, samples = harness.run_tasks(
                 lm, plan, limit=config.limit, num_fewshot=config.num_fewshot, log_samples=log_samples,
@@ -380,6 +373,7 @@ def evaluate(
     """
     from portllm_cli.core.models import check_causal_lm, resolve_device, torch_dtype
     from portllm_cli.io.atomic import atomic_output_dir, check_output
+    from portllm_cli.core.plan import NO_BASE_FLAG_HINT, prepare_patch
     from portllm_cli.patch.format import read_patch
     from portllm_cli.resolve import resolve
 
@@ -411,7 +405,8 @@ def evaluate(
     loaded_patches = []
     for spec in patches:
         res = resolve(spec, kind="patch", progress=report)
-        loaded_patches.append(_Patch(spec, read_patch(res.path)))
+        patch, old = prepare_patch(read_patch(res.path), allow_pickle=cfg.allow_pickle, hint=NO_BASE_FLAG_HINT)
+        loaded_patches.append(_Patch(spec, patch, old))
     configs, skipped = plan_configurations(loaded_models, loaded_patches, list(cfg.only) if cfg.only else None)
 
     with tempfile.TemporaryDirectory(prefix="portllm-eval-") as tmp, contextlib.ExitStack() as stack:
@@ -437,7 +432,7 @@ def evaluate(
                 report(f"eval · loading {m.spec}", done, total)
                 model_obj, tok = load_model(m.path, dtype=cfg.dtype, device=dev,
                                             trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-                todo = [(c.patch.spec if c.patch else None, c.patch.patch if c.patch else None, c.key_map)
+                todo = [(c.patch.spec, c.patch.patch, c.patch.old) if c.patch else (None, None, None)
                         for c in group]
                 for row in score_loaded(model_obj, tok, m.spec, todo, plan, cfg,
                                         log_samples=samples_tmp is not None, on_task=tick):

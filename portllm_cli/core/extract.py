@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from portllm_cli.core.compat import check_compatibility
+from portllm_cli.core.plan import OldBase, convert_init
 from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.errors import (
     IncompatibleError,
@@ -97,6 +98,8 @@ class BaseInfo:
     model: str  # base_model_name_or_path for the written adapter_config
     record: dict[str, Any]  # the manifest's "base"
     warnings: list[str] = field(default_factory=list)
+    ckpt: Checkpoint | None = None  # the base, when it was found
+    key_map: dict[str, str] = field(default_factory=dict)  # patch module -> the base's stored weight
 
 
 def _resolve_base(spec: str, revision: str | None = None, allow_pickle: bool = False,
@@ -132,7 +135,12 @@ def describe_base(
     res, why = (spec, "") if isinstance(spec, Resolved) else _resolve_base(spec, revision, allow_pickle, progress)
     shown = spec.display if isinstance(spec, Resolved) else spec
     if res is None:
-        if base_check:
+        if base_check or patch.init != "plain":
+            if patch.init != "plain":
+                why = (f"the adapter was saved unconverted with init_lora_weights "
+                       f"{patch.config.get('init_lora_weights')!r}, which only means something together with its base")
+                raise NotFoundError(f"base model {shown!r} not found ({why})",
+                                    hint="pass --base with the model the adapter was trained on")
             raise NotFoundError(
                 f"base model {shown!r} not found ({why}), so the adapter cannot be checked against it",
                 hint="pass --base with a local model directory, or --no-base-check to record the id only",
@@ -146,17 +154,24 @@ def describe_base(
     ckpt = Checkpoint.open(res.path, allow_pickle=allow_pickle)
     report = check_compatibility(patch, ckpt)
     report.raise_if_incompatible(f"its base {res.display}")
-    shapes = {module: list(ckpt.shape(key)) for module, key in report.key_map.items()}
+    shapes = report.location.module_shapes()  # the shapes of the adapted parameters, as PEFT sees them
     record = model_record(res, ckpt, shapes)
-    return BaseInfo(res.record_id, record, list(report.warnings))
+    return BaseInfo(res.record_id, record, list(report.warnings), ckpt, dict(report.key_map))
 
 
 # -- adapter mode ---------------------------------------------------------------------------------
+# Fields of the source config that change what the factors and saved tensors mean: carried over
+# as they are (init_lora_weights too: rewriting it would make PEFT read the patch as another thing).
+_MEANING_KEYS = ("use_dora", "lora_bias", "target_parameters", "modules_to_save", "trainable_token_indices",
+                 "bias", "init_lora_weights", "ensure_weight_tying")
+
+
 def _clean_adapter_config(patch: pf.Patch, base_model: str) -> dict[str, Any]:
     src = patch.config
     tm = src.get("target_modules")
     if isinstance(tm, str) or not tm:
-        targets = sorted({pf.short_module_kind(m) for m in patch.modules})
+        targets = sorted({pf.short_module_kind(m.module) for m in patch.modules.values()
+                          if not src.get("target_parameters") or m.depth == 0})
     else:
         targets = list(tm)
     cfg = pf.adapter_config(
@@ -172,9 +187,11 @@ def _clean_adapter_config(patch: pf.Patch, base_model: str) -> dict[str, Any]:
     )
     if isinstance(tm, str) and tm:
         cfg["target_modules"] = tm  # a regex: PEFT matches it as is
+    if tm is None and src.get("target_parameters"):
+        cfg["target_modules"] = None
     if isinstance(src.get("task_type"), str):
         cfg["task_type"] = src["task_type"]
-    for key in _TARGETING_KEYS:
+    for key in _TARGETING_KEYS + _MEANING_KEYS:
         if src.get(key) is not None:
             cfg[key] = src[key]
     return cfg
@@ -182,6 +199,7 @@ def _clean_adapter_config(patch: pf.Patch, base_model: str) -> dict[str, Any]:
 
 def _lora_record(cfg: dict[str, Any], modules: dict[str, pf.LoraModule]) -> dict[str, Any]:
     return {
+        "use_dora": bool(cfg.get("use_dora")),
         "rank": cfg["r"],
         "alpha": cfg["lora_alpha"],
         "use_rslora": cfg["use_rslora"],
@@ -218,17 +236,45 @@ def write_patch_from_peft_dir(
         spec, revision = patch.config.get("base_model_name_or_path") or None, patch.config.get("revision") or None
     info = describe_base(patch, spec, base_check=base_check, allow_pickle=allow_pickle, revision=revision,
                          progress=progress)
+    if patch.init != "plain":
+        # PiSSA / OLoRA saved unconverted: the patch is the fine-tune's change, as PEFT converts it
+        patch = convert_init(patch, OldBase(info.ckpt, info.model))
     cfg = _clean_adapter_config(patch, info.model)
     fields: dict[str, Any] = {k: patch.manifest[k] for k in ("task", "training", "scores") if k in patch.manifest}
     fields.update({k: v for k, v in (extra or {}).items() if v is not None})
+    if patch.is_dora and info.ckpt is not None:
+        # --dora relative at port time needs ||W_old|| per output feature: recorded once, here
+        fields["dora"] = {"base_norms": _dora_base_norms(patch, info)}
+    elif patch.is_dora and patch.manifest.get("dora"):
+        fields["dora"] = patch.manifest["dora"]
     manifest = pf.build_manifest(
         base=info.record,
         lora=_lora_record(cfg, patch.modules),
         source=source or {"kind": "peft-adapter", "path": str(Path(adapter_dir).resolve())},
         extra=fields,
     )
-    manifest = pf.write_patch_files(dest, pf.patch_tensors(patch.modules), cfg, manifest)
+    tensors = pf.patch_tensors(
+        patch.modules,
+        full={f.key.removeprefix(pf.PEFT_PREFIX): f.tensor for f in patch.full.values()},
+        tokens={t.module: t.values for t in patch.tokens.values()},
+    )
+    manifest = pf.write_patch_files(dest, tensors, cfg, manifest)
     return patch, manifest, info
+
+
+def _dora_base_norms(patch: pf.Patch, info: BaseInfo) -> dict[str, str]:
+    from portllm_cli.core.plan import encode_norms, feature_norms
+
+    ckpt = info.ckpt
+    out = {}
+    for name, m in patch.modules.items():
+        if m.magnitude is None:
+            continue
+        key = info.key_map[name]
+        rows = int(ckpt.shape(key)[0])
+        transposed = m.kind == "embedding" or m.fan_in_fan_out
+        out[name] = encode_norms(feature_norms(lambda r0, r1, k=key: ckpt.rows(k, r0, r1), rows, transposed))
+    return out
 
 
 def extract_adapter(

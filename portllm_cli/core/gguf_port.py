@@ -161,9 +161,33 @@ def target_of_config(config: dict[str, Any], display: str) -> GgufTarget:
 
 
 # -- does the patch fit a GGUF? -------------------------------------------------------------------
+def require_plain_lora(patch: Patch, display: str) -> None:
+    """GGUF targets and GGUF LoRAs carry plain low-rank factors: refuse every other part of an
+    adapter (llama.cpp's LoRA format has no DoRA magnitudes, biases, whole tensors or expert stacks)."""
+    parts = []
+    if patch.init != "plain":
+        parts.append(f"init_lora_weights {patch.config.get('init_lora_weights')!r} saved unconverted")
+    if any(m.magnitude is not None for m in patch.modules.values()):
+        parts.append("DoRA magnitudes")
+    if any(m.bias is not None for m in patch.modules.values()):
+        parts.append("lora_bias")
+    if any(m.depth or patch.uses_parameters for m in patch.modules.values()):
+        parts.append("LoRA on raw parameters (target_parameters, MoE experts)")
+    if patch.full:
+        parts.append("whole saved tensors (modules_to_save / bias)")
+    if patch.tokens:
+        parts.append("trainable token rows")
+    if parts:
+        raise UnsupportedError(
+            f"{display}: GGUF ports carry plain LoRA factors only; this patch has {', '.join(parts)}",
+            hint="port onto the safetensors (transformers) version of the model instead",
+        )
+
+
 def check_fit(patch: Patch, model: gio.GgufModel, display: str) -> tuple[CompatReport, GgufTarget]:
     """The fit check against a GGUF's own tensor names and shapes (same rules and messages as
     core.compat for safetensors); key_map maps each patch module to its GGUF tensor name."""
+    require_plain_lora(patch, display)
     tgt = target_of_gguf(model, display)
     tmap = name_map(tgt.arch, tgt.n_blocks)
     errors: list[str] = []
@@ -703,6 +727,7 @@ def port_gguf_adapter(
     else:
         from portllm_cli.core.port import plan_port
 
+        require_plain_lora(patch, target.display)
         plan: PortPlan = plan_port(patch, target, allow_pickle=allow_pickle, merging=False)
         tgt = target_of_config(plan.ckpt.config, target.display)
         tmap = name_map(tgt.arch, tgt.n_blocks)

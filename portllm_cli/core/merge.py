@@ -35,7 +35,8 @@ BLOCK_BYTES = 16 << 20
 
 
 class Edit(Protocol):
-    """Something that changes rows of one stored tensor."""
+    """Something that changes rows of one stored tensor. An edit may also have
+    ``prepare(n_rows, read_rows, ws)``, run once before the first block (a first pass)."""
 
     def apply(self, block: "torch.Tensor", r0: int, r1: int, ws: "Workspace") -> None:
         """Change ``block`` (float32 rows ``[r0, r1)`` of the stored tensor) in place."""
@@ -66,22 +67,154 @@ class LoraEdit:
     scale: float = 1.0  # on top of the module's own alpha/r: --scale, a calibrated lambda
 
     def apply(self, block: "torch.Tensor", r0: int, r1: int, ws: Workspace) -> None:
+        _lora_add(self.module, self.module.scale * self.scale, block, r0, r1, ws)
+
+
+def _lora_add(m: "LoraModule", s: float, block: "torch.Tensor", r0: int, r1: int, ws: Workspace) -> None:
+    """block += s * (B @ A) rows [r0, r1) in the stored layout (the LoraEdit arithmetic)."""
+    import torch
+
+    A = m.A.to(device=block.device, dtype=torch.float32)
+    B = m.B.to(device=block.device, dtype=torch.float32)
+    if m.kind == "embedding" or m.fan_in_fan_out:
+        d = ws.get((int(B.shape[0]), r1 - r0), block.device)
+        torch.matmul(B, A[:, r0:r1], out=d)
+        d.mul_(s)
+        block.add_(d.T)
+    else:
+        d = ws.get((r1 - r0, int(A.shape[1])), block.device)
+        torch.matmul(B[r0:r1], A, out=d)
+        d.mul_(s)
+        block.add_(d)
+
+
+# Rows per step of DoRA's first pass over a transposed weight: fixed, so that the norms (and so
+# the merged bits) do not depend on the block size the merge itself uses.
+NORM_ROWS = 256
+
+
+@dataclass
+class DoraEdit:
+    """DoRA, as PEFT merges it: W' = m / ||W + s*B@A|| * (W + s*B@A), the norm taken per output
+    feature (dim 1 of the (out, in) weight; a column of an embedding or a fan_in_fan_out weight).
+
+    ``magnitude`` is m (one per output feature). With ``old_norms`` (||W_old|| per output feature,
+    the base the adapter was trained on) the magnitude is first carried over relatively:
+    m' = m * ||W|| / ||W_old||, W being the weight this edit changes (``--dora relative``).
+
+    For a (out, in) weight each row holds one output feature, so the edit is row-local. For a
+    transposed layout the norms run across the stored rows: ``prepare`` computes them first, in
+    fixed steps of NORM_ROWS rows (float64 sums), holding one step at a time.
+    """
+
+    module: "LoraModule"
+    magnitude: "torch.Tensor"
+    scale: float = 1.0
+    old_norms: "torch.Tensor | None" = None
+    _factor: "torch.Tensor | None" = None  # transposed layouts: m' / ||W + s*B@A||, per column
+
+    @property
+    def transposed(self) -> bool:
+        return self.module.kind == "embedding" or self.module.fan_in_fan_out
+
+    def prepare(self, n_rows: int, read_rows: Callable[[int, int], "torch.Tensor"], ws: Workspace) -> None:
         import torch
 
-        m = self.module
-        s = m.scale * self.scale
-        A = m.A.to(device=block.device, dtype=torch.float32)
-        B = m.B.to(device=block.device, dtype=torch.float32)
-        if m.kind == "embedding" or m.fan_in_fan_out:
-            d = ws.get((int(B.shape[0]), r1 - r0), block.device)
-            torch.matmul(B, A[:, r0:r1], out=d)
-            d.mul_(s)
-            block.add_(d.T)
-        else:
-            d = ws.get((r1 - r0, int(A.shape[1])), block.device)
-            torch.matmul(B[r0:r1], A, out=d)
-            d.mul_(s)
-            block.add_(d)
+        if not self.transposed:
+            return
+        s = self.module.scale * self.scale
+        cols = int(self.magnitude.shape[0])
+        acc = torch.zeros(cols, dtype=torch.float64)
+        base = torch.zeros(cols, dtype=torch.float64) if self.old_norms is not None else None
+        for r0 in range(0, n_rows, NORM_ROWS):
+            r1 = min(n_rows, r0 + NORM_ROWS)
+            block = read_rows(r0, r1).to(torch.float32, copy=True)
+            if base is not None:
+                base += (block.to(torch.float64) ** 2).sum(0).to(base.device)
+            _lora_add(self.module, s, block, r0, r1, ws)
+            acc += (block.to(torch.float64) ** 2).sum(0).to(acc.device)
+        norms = acc.sqrt().to(torch.float32)
+        m = self.magnitude.to(torch.float32)
+        if base is not None:
+            m = m * (base.sqrt().to(torch.float32) / self.old_norms.to(torch.float32))
+        self._factor = m / norms
+
+    def apply(self, block: "torch.Tensor", r0: int, r1: int, ws: Workspace) -> None:
+        import torch
+
+        s = self.module.scale * self.scale
+        if self.transposed:
+            if self._factor is None:
+                raise RuntimeError("DoraEdit.prepare was not run before apply")
+            _lora_add(self.module, s, block, r0, r1, ws)
+            block.mul_(self._factor.to(block.device).unsqueeze(0))
+            return
+        m = self.magnitude[r0:r1].to(device=block.device, dtype=torch.float32)
+        if self.old_norms is not None:
+            m = m * (torch.linalg.vector_norm(block, dim=1) / self.old_norms[r0:r1].to(block.device, torch.float32))
+        _lora_add(self.module, s, block, r0, r1, ws)
+        norms = torch.linalg.vector_norm(block, dim=1)
+        block.mul_((m / norms).unsqueeze(1))
+
+
+@dataclass(frozen=True)
+class BiasEdit:
+    """A LoRA's bias (lora_bias=True): b += scale * lora_B.bias, on a 1-D bias tensor."""
+
+    bias: "torch.Tensor"
+    scale: float
+
+    def apply(self, block: "torch.Tensor", r0: int, r1: int, ws: Workspace) -> None:
+        import torch
+
+        block.add_(self.bias[r0:r1].to(device=block.device, dtype=torch.float32), alpha=self.scale)
+
+
+@dataclass(frozen=True)
+class WholeTensorEdit:
+    """A tensor the adapter stores whole (modules_to_save, biases): W' = W + (saved - old), or
+    W' = saved when ``old`` is None (PEFT's own behaviour: overwrite).
+
+    ``old(r0, r1)`` reads rows of the old base's tensor; rows past its ``old_rows`` (tokens added
+    to the vocabulary before training) exist only in the adapter and are copied as they are.
+    """
+
+    saved: "torch.Tensor"
+    old: "Callable[[int, int], torch.Tensor] | None" = None
+    old_rows: int = 0
+
+    def apply(self, block: "torch.Tensor", r0: int, r1: int, ws: Workspace) -> None:
+        import torch
+
+        saved = self.saved[r0:r1].to(device=block.device, dtype=torch.float32)
+        k = r0 if self.old is None else max(r0, min(r1, self.old_rows))
+        if k > r0:
+            block[: k - r0].add_(saved[: k - r0] - self.old(r0, k).to(device=block.device, dtype=torch.float32))
+        if r1 > k:
+            block[k - r0 :].copy_(saved[k - r0 :])
+
+
+@dataclass(frozen=True)
+class TokenRowsEdit:
+    """Trainable token rows (trainable_token_indices): row i' = row i + (saved_i - old_i), or the
+    saved row when ``old`` is None (PEFT's index_copy) or the token is past the old vocabulary."""
+
+    indices: tuple[int, ...]
+    values: "torch.Tensor"  # (len(indices), dim)
+    old: "Callable[[int, int], torch.Tensor] | None" = None
+    old_rows: int = 0
+
+    def apply(self, block: "torch.Tensor", r0: int, r1: int, ws: Workspace) -> None:
+        import torch
+
+        for k, i in enumerate(self.indices):
+            if not r0 <= i < r1:
+                continue
+            row = self.values[k].to(device=block.device, dtype=torch.float32)
+            if self.old is not None and i < self.old_rows:
+                block[i - r0].add_(row - self.old(i, i + 1)[0].to(device=block.device, dtype=torch.float32))
+            else:
+                block[i - r0].copy_(row)
 
 
 # A one-row matmul takes BLAS's matrix-vector path, which sums in another order than the
@@ -132,6 +265,10 @@ def merge_stream(
     """Merge a tensor block by block: ``read_rows(r0, r1)`` gives stored rows, ``write_rows(r0, t)``
     takes the merged ones. Peak memory is one block, whatever the tensor's size."""
     ws = ws or Workspace()
+    for e in edits:  # edits whose arithmetic needs a first pass over the tensor (DoRA on columns)
+        prepare = getattr(e, "prepare", None)
+        if prepare is not None:
+            prepare(n_rows, read_rows, ws)
     for r0, r1 in row_blocks(n_rows, rows_per_block):
         write_rows(r0, merge_block(read_rows(r0, r1), edits, r0, ws))
 

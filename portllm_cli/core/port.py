@@ -10,7 +10,9 @@ plus two targeted tensors in float32 (one per merge worker), whatever the model'
 patch directory, the copies start as soon as the patch's names and shapes (from its header) are
 known to fit, so importing torch and reading and verifying the factors overlap them.
 
-The merge itself (float32 sum, one rounding, row blocks) is ``portllm_cli.core.merge``.
+What is merged into which stored tensor (every part of the adapter, located through the
+model's layout) is ``portllm_cli.core.plan``: ``PortPlan.edits`` maps each targeted key to its
+edits. The merge itself (float32 sum, one rounding, row blocks) is ``portllm_cli.core.merge``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from portllm_cli import __version__
 from portllm_cli.core.compat import CompatReport, check_compatibility
-from portllm_cli.core.merge import Workspace, merge_weight
+from portllm_cli.core.merge import Workspace, merge_tensor
 from portllm_cli.core.progress import ProgressFn, no_progress
-from portllm_cli.errors import IntegrityError, PortllmError, UnsupportedError, UsageError
+from portllm_cli.errors import IncompatibleError, IntegrityError, PortllmError, UnsupportedError, UsageError
 from portllm_cli.io.atomic import atomic_output_dir, copy_file
-from portllm_cli.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, Checkpoint, read_json
+from portllm_cli.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, Checkpoint
 from portllm_cli.io.safetensors import (
     SafetensorsWriter,
     TensorInfo,
@@ -39,14 +41,14 @@ from portllm_cli.io.safetensors import (
     read_tensor,
     tensor_bytes,
 )
+from portllm_cli.core.plan import OldBase, Policy, build_plan, prepare_patch, target_layout
 from portllm_cli.patch.format import (
     ADAPTER_WEIGHTS,
-    LoraModule,
     Patch,
     build_manifest,
     now_iso,
     patch_tensors,
-    peft_key,
+    read_outline,
     read_patch,
     sha256_file,
     write_patch_files,
@@ -80,6 +82,8 @@ class PortResult:
     verified: bool = False
     warnings: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # core.calibrate's record, when the scale was calibrated
+    tensors_applied: int = 0  # adapter tensors that changed (merged) or landed on (adapter) the model
+    tensors_total: int = 0  # adapter tensors carrying the patch
 
     def as_dict(self) -> dict[str, Any]:
         doc = {
@@ -92,6 +96,7 @@ class PortResult:
             "seconds": round(self.seconds, 3),
             "scale": self.scale,
             "verified": self.verified,
+            "patch_tensors": {"applied": self.tensors_applied, "total": self.tensors_total},
             "warnings": list(self.warnings),
         }
         if self.calibration is not None:
@@ -99,8 +104,8 @@ class PortResult:
         return doc
 
 
-# -- the merge itself lives in core/merge.py; ``merge_weight`` is re-exported here as the
-# per-tensor hook tests/slow_port.py wraps.
+# -- the merge itself lives in core/merge.py; ``merge_tensor`` (imported here) is the per-tensor
+# hook tests/slow_port.py wraps; what is merged into which tensor is core/plan.py.
 def check_scale(scale: float) -> float:
     """--scale multiplies the patch's own alpha/r: finite and non-zero; negative subtracts it."""
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
@@ -113,22 +118,46 @@ def check_scale(scale: float) -> float:
 # -- checks before anything is written -------------------------------------------------------
 @dataclass
 class PortPlan:
+    """What a port changes: per stored tensor key, the edits that apply to it (``core.plan``)."""
+
     ckpt: Checkpoint
     report: CompatReport
-    key_map: dict[str, str]  # patch module -> checkpoint weight key
+    key_map: dict[str, str]  # patch module -> (first) checkpoint key it changes
     warnings: list[str]
+    targets: list[str] = field(default_factory=list)  # stored keys the patch changes (from names alone)
+    edits: dict[str, list] = field(default_factory=dict)  # stored key -> edits; empty for an outline
+    applied: dict[str, int] = field(default_factory=dict)  # adapter tensor key -> stored tensors it changes
 
     def module_shapes(self) -> dict[str, list[int]]:
+        loc = self.report.location
+        if loc is not None:
+            return loc.module_shapes()
         return {m: list(self.ckpt.shape(k)) for m, k in sorted(self.key_map.items())}
 
 
-def plan_port(patch: Patch, target: Resolved, *, allow_pickle: bool = False, merging: bool = True) -> PortPlan:
-    """Open the target and check the patch against it; raises IncompatibleError (exit 3)."""
+def plan_port(
+    patch: Patch,
+    target: Resolved,
+    *,
+    allow_pickle: bool = False,
+    merging: bool = True,
+    policy: Policy | None = None,
+    old: OldBase | None = None,
+    layout: Any = None,
+) -> PortPlan:
+    """Open the target and check the patch against it; raises IncompatibleError (exit 3).
+
+    For a patch that holds its factors (not an outline) the edits are planned too.
+    """
     ckpt = Checkpoint.open(target.path, allow_pickle=allow_pickle)
-    report = check_compatibility(patch, ckpt)
+    layout = layout or target_layout(patch, ckpt)
+    report = check_compatibility(patch, ckpt, layout)
     report.raise_if_incompatible(target.display)
+    loc = report.location
+    targets = sorted({pl.key for part in (*loc.lora.values(), *loc.bias.values(), *loc.full.values(),
+                                          *loc.tokens.values()) for pl in part.placements})
     if merging:
-        for module, key in sorted(report.key_map.items()):
+        for key in targets:
             dt = ckpt.dtype(key)
             if dt not in MERGEABLE_DTYPES:
                 raise UnsupportedError(
@@ -137,7 +166,13 @@ def plan_port(patch: Patch, target: Resolved, *, allow_pickle: bool = False, mer
                     hint="use --as-adapter to serve the patch on top of a quantized model",
                 )
     warnings = list(patch.warnings) + list(report.warnings)
-    return PortPlan(ckpt, report, dict(report.key_map), warnings)
+    plan = PortPlan(ckpt, report, dict(report.key_map), warnings, targets)
+    if not patch.outline:
+        ep = build_plan(patch, layout, policy=policy, old=old, location=loc)
+        plan.edits, plan.applied = ep.edits, ep.applied
+        if sorted(ep.edits) != targets:
+            raise IntegrityError(f"{patch.path}: internal: planned edits do not match the located targets")
+    return plan
 
 
 def _patch_sha256(patch: Patch) -> str:
@@ -260,67 +295,17 @@ class _torch_threads:
         torch.set_num_threads(self._old)
 
 
-class _Shape:
-    """Stands in for a factor tensor where only its shape is needed (the compatibility check)."""
-
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.shape = shape
-
-
-def _patch_outline(path: Path) -> Patch | None:
-    """A patch's module names and factor shapes from its config and safetensors header, without
-    torch and without reading the factors. None whenever anything needs the full reader's
-    judgement (it then runs first and reports)."""
-    from portllm_cli.patch import format as pf
-
-    try:
-        cfg = pf._validate_config(read_json(path / pf.ADAPTER_CONFIG, "adapter config"), path)
-        manifest = pf.read_manifest(path)
-        header = read_header(path / ADAPTER_WEIGHTS)
-    except (PortllmError, OSError):
-        return None
-    parts: dict[str, dict[str, tuple[int, ...]]] = {}
-    kinds: dict[str, str] = {}
-    for key, info in header.tensors.items():
-        if key.endswith(".base_layer.weight"):
-            continue
-        m = pf._KEY_RE.match(key)
-        if not m or len(info.shape) != 2:
-            return None
-        module = (m.group("module") or m.group("emodule")).removeprefix(pf.PEFT_PREFIX)
-        part = m.group("part") or m.group("epart")
-        slot = "A" if part.endswith("A") else "B"
-        if slot in parts.setdefault(module, {}):
-            return None
-        parts[module][slot] = info.shape
-        kinds[module] = "embedding" if part.startswith("lora_embedding") else "linear"
-    if not parts or any(set(p) != {"A", "B"} for p in parts.values()):
-        return None
-    modules = {
-        name: LoraModule(
-            name=name,
-            A=_Shape(p["A"]),  # type: ignore[arg-type]
-            B=_Shape(p["B"]),  # type: ignore[arg-type]
-            alpha=float(cfg["lora_alpha"]),
-            kind=kinds[name],
-            fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
-        )
-        for name, p in parts.items()
-    }
-    return Patch(path, cfg, manifest, modules, [])
-
-
 # -- merged output ----------------------------------------------------------------------------
-def _targets_by_file(plan: PortPlan, patch: Patch) -> dict[Path, list[tuple[str, LoraModule]]]:
-    by_file: dict[Path, list[tuple[str, LoraModule]]] = {}
-    for module, key in plan.key_map.items():
+def _targets_by_file(plan: PortPlan) -> dict[Path, list[tuple[str, list]]]:
+    by_file: dict[Path, list[tuple[str, list]]] = {}
+    for key, edits in plan.edits.items():
         f, _ = plan.ckpt.locations[key]
-        by_file.setdefault(f, []).append((key, patch.modules[module]))
+        by_file.setdefault(f, []).append((key, edits))
     return by_file
 
 
 def _port_safetensors_shards(
-    plan: PortPlan, patch: Patch, tmp: Path, scale: float, tick: Callable[[int], None],
+    plan: PortPlan, patch: Patch, tmp: Path, tick: Callable[[int], None],
     load: "Callable[[], tuple[Patch, PortPlan]] | None" = None,
 ) -> tuple[Patch, PortPlan]:
     """Write every shard: untargeted ranges copied by the workers, merged tensors written here at
@@ -335,20 +320,20 @@ def _port_safetensors_shards(
     try:
         for f in ckpt.files:
             header = ckpt.headers[f]
-            infos = [header.tensors[key] for key in plan.key_map.values() if ckpt.locations[key][0] == f]
+            infos = [header.tensors[key] for key in plan.targets if ckpt.locations[key][0] == f]
             fd = os.open(tmp / f.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             fds.append(fd)
             os.ftruncate(fd, header.file_size)
             copier.submit(f, fd, _untargeted_spans(header.file_size, infos))
         if load is not None:
-            outline_map = plan.key_map
+            outline_targets = plan.targets
             patch, plan = load()
-            if plan.key_map != outline_map:  # the factors must target what the copies left out
+            if plan.targets != outline_targets:  # the factors must target what the copies left out
                 raise IntegrityError(f"{patch.path}: the patch changed while it was being read")
-        by_file = _targets_by_file(plan, patch)
-        jobs = [(f, fd, key, module) for f, fd in zip(ckpt.files, fds) for key, module in by_file.get(f, [])]
+        by_file = _targets_by_file(plan)
+        jobs = [(f, fd, key, edits) for f, fd in zip(ckpt.files, fds) for key, edits in by_file.get(f, [])]
         with _torch_threads():
-            _run_merges(ckpt, jobs, scale, tick)
+            _run_merges(ckpt, jobs, tick)
         copier.finish(fds)
     except BaseException:
         copier.abort()
@@ -359,7 +344,7 @@ def _port_safetensors_shards(
     return patch, plan
 
 
-def _run_merges(ckpt: Checkpoint, jobs: list, scale: float, tick: Callable[[int], None]) -> None:
+def _run_merges(ckpt: Checkpoint, jobs: list, tick: Callable[[int], None]) -> None:
     """Merge and write the targeted tensors, MERGE_WORKERS at a time (torch releases the GIL), each
     worker with its own float32 buffers: peak memory is MERGE_WORKERS tensors in float32."""
     from concurrent.futures import ThreadPoolExecutor
@@ -367,11 +352,11 @@ def _run_merges(ckpt: Checkpoint, jobs: list, scale: float, tick: Callable[[int]
     local = threading.local()
 
     def merge_one(job: tuple) -> None:
-        f, fd, key, module = job
+        f, fd, key, edits = job
         if not hasattr(local, "ws"):
             local.ws = Workspace()
         info = ckpt.headers[f].tensors[key]
-        merged = merge_weight(read_tensor(f, info), module, scale, local.ws)
+        merged = merge_tensor(read_tensor(f, info), edits, ws=local.ws)
         _pwrite_all(fd, tensor_bytes(merged), info.begin)
         tick(info.nbytes)
 
@@ -383,39 +368,35 @@ def _run_merges(ckpt: Checkpoint, jobs: list, scale: float, tick: Callable[[int]
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _verify_safetensors_shard(
-    src: Path, dst: Path, targets: list[tuple[TensorInfo, LoraModule]], scale: float
-) -> None:
+def _verify_safetensors_shard(src: Path, dst: Path, targets: list[tuple[TensorInfo, list]]) -> None:
     """Every untargeted byte equals the source; every targeted tensor equals the recomputed merge."""
     if dst.stat().st_size != src.stat().st_size:
         raise IntegrityError(f"{dst.name}: size {dst.stat().st_size} differs from the target's {src.stat().st_size}")
     size = src.stat().st_size
     with open(src, "rb", buffering=0) as fs, open(dst, "rb", buffering=0) as fd:
         cursor = 0
-        for info, module in sorted(targets, key=lambda t: t[0].begin) + [(None, None)]:
+        for info, edits in sorted(targets, key=lambda t: t[0].begin) + [(None, None)]:
             end = info.begin if info is not None else size
             bad = _same_bytes(fs.fileno(), fd.fileno(), cursor, end)
             if bad is not None:
                 raise IntegrityError(f"{dst.name}: byte {bad} differs from the target, outside any patched tensor")
             if info is None:
                 break
-            expected = tensor_bytes(merge_weight(read_tensor(src, info), module, scale))
+            expected = tensor_bytes(merge_tensor(read_tensor(src, info), edits))
             got = os.pread(fd.fileno(), info.nbytes, info.begin)
             if got != expected.tobytes():
                 raise IntegrityError(
-                    f"{dst.name}: tensor {info.name} does not equal base + scale*B@A after writing"
+                    f"{dst.name}: tensor {info.name} does not equal base + scale*B@A (the planned edits) after writing"
                 )
             cursor = info.end
 
 
-def _port_pickle(
-    plan: PortPlan, patch: Patch, tmp: Path, scale: float, verify: bool, tick: Callable[[int], None]
-) -> tuple[list[str], int]:
+def _port_pickle(plan: PortPlan, tmp: Path, verify: bool, tick: Callable[[int], None]) -> tuple[list[str], int]:
     """Pickle targets (--allow-pickle): write safetensors shards, one per input file, plus an index."""
     import torch
 
     ckpt = plan.ckpt
-    by_key = {key: patch.modules[m] for m, key in plan.key_map.items()}
+    by_key = plan.edits
     files = list(ckpt.iter_file_order())
     n = len(files)
     weight_map: dict[str, str] = {}
@@ -430,7 +411,7 @@ def _port_pickle(
             for k in names:
                 t = ckpt.tensor(k)
                 if k in by_key:
-                    t = merge_weight(t, by_key[k], scale)
+                    t = merge_tensor(t, by_key[k])
                 w.write(k, t.contiguous())
                 nbytes = t.numel() * t.element_size()
                 total_size += nbytes
@@ -441,7 +422,7 @@ def _port_pickle(
             header = read_header(tmp / name)
             for k in names:
                 src = ckpt.tensor(k)
-                expected = merge_weight(src, by_key[k], scale) if k in by_key else src
+                expected = merge_tensor(src, by_key[k]) if k in by_key else src
                 got = read_tensor(tmp / name, header.tensors[k])
                 if not torch.equal(got.view(torch.uint8) if got.numel() else got,
                                    expected.contiguous().view(torch.uint8) if expected.numel() else expected):
@@ -465,40 +446,54 @@ def port_merged(
     patch_source: Resolved | None = None,
     verify_patch: bool = True,
     calibration: dict[str, Any] | None = None,
+    dora: str = "absolute",
+    modules_to_save: str = "delta",
+    base: Resolved | None = None,
 ) -> PortResult:
     """Write TARGET with PATCH merged into OUT; see the module docstring for how.
 
-    PATCH is a Patch already read, or a patch directory. Given a directory, the patch's module
-    names and shapes are first taken from its config and safetensors header (no torch, no
-    factors) and checked against the target; when they fit, the kernel starts copying while
-    the factors are read and verified (sha256 unless ``verify_patch`` is false, NaN/Inf), which
-    hides the cost of importing torch. Anything unusual in the outline falls back to reading the
-    whole patch first, so errors and their order are those of ``read_patch`` then the check.
+    PATCH is a Patch already read, or a patch directory. Given a directory of plain LoRA, the
+    patch's module names and shapes are first taken from its config and safetensors header (no
+    torch, no factors) and checked against the target; when they fit, the kernel starts copying
+    while the factors are read and verified (sha256 unless ``verify_patch`` is false, NaN/Inf),
+    which hides the cost of importing torch. Anything unusual in the outline falls back to
+    reading the whole patch first, so errors and their order are those of ``read_patch`` then
+    the check.
+
+    ``dora``, ``modules_to_save``: the policies of ``core.plan.Policy``; ``base``: the model the
+    patch was trained on (else the one it records), needed for PiSSA/OLoRA, whole tensors ported
+    as a change, and ``dora="relative"`` without recorded norms.
     """
     t0 = time.monotonic()
     scale = check_scale(scale)
+    policy = Policy(scale, dora, modules_to_save).check()
     progress = progress or no_progress
     load = None
+    old: OldBase | None = None
     if not isinstance(patch, Patch):
         path = Path(patch)
-        outline = _patch_outline(path)
+        outline = read_outline(path) if base is None else None
         plan = None
         if outline is not None:
             try:
-                plan = plan_port(outline, target, allow_pickle=allow_pickle, merging=True)
+                plan = plan_port(outline, target, allow_pickle=allow_pickle, merging=True, policy=policy)
             except PortllmError:
                 plan = None  # let the full reader report first, as it would without the outline
         if plan is None or plan.ckpt.is_pickle:
-            patch = read_patch(path, verify=verify_patch)
-            plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True)
+            patch, old = prepare_patch(read_patch(path, verify=verify_patch), policy=policy, base=base,
+                                       allow_pickle=allow_pickle)
+            plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True, policy=policy, old=old)
         else:
             patch = outline
 
             def load() -> tuple[Patch, PortPlan]:
                 full = read_patch(path, verify=verify_patch)
-                return full, plan_port(full, target, allow_pickle=allow_pickle, merging=True)
+                if not full.is_plain():  # the outline said plain LoRA; the factors must agree
+                    raise IntegrityError(f"{path}: the patch changed while it was being read")
+                return full, plan_port(full, target, allow_pickle=allow_pickle, merging=True, policy=policy)
     else:
-        plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True)
+        patch, old = prepare_patch(patch, policy=policy, base=base, allow_pickle=allow_pickle)
+        plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True, policy=policy, old=old)
     ckpt = plan.ckpt
     out = Path(out)
     total = ckpt.total_bytes()
@@ -513,11 +508,12 @@ def port_merged(
             progress("port", done, total)
 
     progress("port", 0, total)
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(target.path, patch.path)) as tmp:
+    inputs = (target.path, patch.path) + ((old.ckpt.root,) if old is not None else ())
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         if ckpt.is_pickle:
-            shard_names, written = _port_pickle(plan, patch, tmp, scale, verify, tick)
+            shard_names, written = _port_pickle(plan, tmp, verify, tick)
         else:
-            patch, plan = _port_safetensors_shards(plan, patch, tmp, scale, tick, load)
+            patch, plan = _port_safetensors_shards(plan, patch, tmp, tick, load)
             shard_names = [f.name for f in ckpt.files]
             written = sum(f.stat().st_size for f in ckpt.files)
             if ckpt.index_file is not None:
@@ -533,6 +529,8 @@ def port_merged(
             "created": now_iso(),
             "mode": "merged",
             "scale": scale,
+            "policy": {"dora": policy.dora, "modules_to_save": policy.whole},
+            "old_base": old.display if old is not None else None,
             "patch": {
                 "source": _patch_record_id(patch, patch_source),
                 "sha256": _patch_sha256(patch),
@@ -543,6 +541,8 @@ def port_merged(
             # the shard names identify it, and the output's own files are what users keep.
             "target": model_record(target, ckpt, plan.module_shapes(), hash_weights=False),
             "merged_modules": {m: plan.key_map[m] for m in sorted(plan.key_map)},
+            "changed_tensors": sorted(plan.edits),
+            "patch_tensors": {"applied": sum(1 for n in plan.applied.values() if n), "total": len(plan.applied)},
             "shards": shard_names,
             "converted_from_pickle": ckpt.is_pickle,
         }
@@ -551,11 +551,11 @@ def port_merged(
         (tmp / PORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         written += (tmp / PORT_RECORD).stat().st_size
         if verify and not ckpt.is_pickle:
-            by_file = _targets_by_file(plan, patch)
+            by_file = _targets_by_file(plan)
             for f in ckpt.files:
                 header = ckpt.headers[f]
-                targets = [(header.tensors[k], m) for k, m in by_file.get(f, [])]
-                _verify_safetensors_shard(f, tmp / f.name, targets, scale)
+                targets = [(header.tensors[k], edits) for k, edits in by_file.get(f, [])]
+                _verify_safetensors_shard(f, tmp / f.name, targets)
                 progress("verify", ckpt.files.index(f) + 1, len(ckpt.files))
     return PortResult(
         out=out,
@@ -569,6 +569,8 @@ def port_merged(
         verified=verify,
         warnings=plan.warnings,
         calibration=calibration,
+        tensors_applied=sum(1 for n in plan.applied.values() if n),
+        tensors_total=len(plan.applied),
     )
 
 
@@ -585,41 +587,112 @@ def port_adapter(
     progress: ProgressFn | None = None,
     patch_source: Resolved | None = None,
     calibration: dict[str, Any] | None = None,
+    dora: str = "absolute",
+    modules_to_save: str = "delta",
+    base: Resolved | None = None,
 ) -> PortResult:
-    """Write PATCH retargeted to TARGET: same factors (B times --scale), new base and target record."""
+    """Write PATCH retargeted to TARGET, for PEFT to load on it.
+
+    Modules are renamed to their paths in the model transformers builds for TARGET (in the class
+    the adapter was trained on: a head class such as ``*ForCausalLM``, or the base model), B
+    (and lora_B.bias) times --scale; DoRA magnitudes pass through (``dora="relative"``: rescaled
+    by the target's weight norms over the old base's); whole tensors and token rows are written
+    as ported (``core.plan``). After writing, every key of the adapter must land on a module of
+    the target's skeleton with the right shape, or nothing is written.
+    """
     import torch
+
+    from portllm_cli.core.layout import Layout
+    from portllm_cli.core.merge import DoraEdit, TokenRowsEdit, WholeTensorEdit, merge_block
+    from portllm_cli.core.plan import feature_norms
 
     t0 = time.monotonic()
     scale = check_scale(scale)
+    policy = Policy(scale, dora, modules_to_save).check()
     progress = progress or no_progress
-    plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=False)
+    patch, old = prepare_patch(patch, policy=policy, base=base, allow_pickle=allow_pickle)
+    ckpt = Checkpoint.open(target.path, allow_pickle=allow_pickle)
+    try:
+        layout = Layout.of(ckpt)
+    except UnsupportedError as exc:
+        raise UnsupportedError(
+            f"--as-adapter names modules as transformers builds {target.display}, and {exc.message}",
+            hint="write a merged model instead (drop --as-adapter)",
+        ) from None
+    plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=False, policy=policy, old=old, layout=layout)
+    loc = plan.report.location
     out = Path(out)
     progress("adapter", 0, 3)
-    # PEFT names modules by their path in the model, which is the checkpoint key without ".weight".
+
+    prefix = layout.base_prefix
+    named = [lc.param.rsplit(".", 1)[0] for lc in loc.lora.values()] + [lw.param for lw in loc.full.values()] + [
+        lw.param.rsplit(".", 1)[0] for lw in loc.tokens.values()
+    ]
+    given = [lc.module.module for lc in loc.lora.values()] + list(loc.full) + list(loc.tokens)
+    # an adapter trained on the base model class (AutoModel) names paths without the prefix
+    strip = bool(prefix) and all(t == f"{prefix}.{g}" for t, g in zip(named, given)) and any(
+        t != g for t, g in zip(named, given)
+    )
+
+    def out_name(path: str) -> str:
+        return path[len(prefix) + 1 :] if strip else path
+
     modules = {}
-    for name, m in patch.modules.items():
-        key = plan.key_map[name]
-        new_name = key[: -len(".weight")] if key.endswith(".weight") else name
-        modules[new_name] = dataclasses.replace(m, name=new_name)
-    tensors = patch_tensors(modules, b_scale=scale)
+    plain: list[str] = []
+    for name, lc in loc.lora.items():
+        m = lc.module
+        new_name = out_name(lc.param.rsplit(".", 1)[0]) + ".base_layer" * m.depth
+        mag = m.magnitude
+        if mag is not None and policy.dora == "relative":
+            key = lc.placements[0].key
+            edit = next(e for e in plan.edits[key] if isinstance(e, DoraEdit) and e.module.name == m.name)
+            new_norms = feature_norms(lambda r0, r1: ckpt.rows(key, r0, r1), lc.shape[0], lc.transposed)
+            mag = (mag.to(torch.float32) * (new_norms / edit.old_norms)).to(mag.dtype)
+        modules[new_name] = dataclasses.replace(m, name=new_name, magnitude=mag)
+        if not lc.is_param:
+            plain.append(new_name)
+    full = {}
+    for source, lw in loc.full.items():
+        key = lw.placements[0].key
+        edits = [e for e in plan.edits[key] if isinstance(e, WholeTensorEdit) and e.saved is patch.full[source].tensor]
+        tensor = merge_tensor(ckpt.tensor(key), edits)
+        fname = out_name(lw.param)
+        if patch.full[source].key.endswith(".base_layer.bias"):
+            fname = fname[: -len(".bias")] + ".base_layer.bias"
+        full[fname] = tensor
+    tokens = {}
+    for source, lw in loc.tokens.items():
+        key = lw.placements[0].key
+        t = patch.tokens[source]
+        edits = [e for e in plan.edits[key] if isinstance(e, TokenRowsEdit) and e.values is t.values]
+        rows = [merge_block(ckpt.rows(key, i, i + 1), edits, i)[0] for i in t.indices]
+        tokens[out_name(lw.param.rsplit(".", 1)[0])] = torch.stack(rows)
+    tensors = patch_tensors(modules, b_scale=scale, full=full, tokens=tokens)
     config = dict(patch.config)
     config["base_model_name_or_path"] = target.record_id
     config["inference_mode"] = True
-    old = dict(patch.manifest or {})
+    # PEFT wraps what target_modules selects: exactly the modules that carry factors, so that no
+    # module of the new model gets a fresh (with init_lora_weights=false: random) adapter
+    config["target_modules"] = sorted(plain) or None
+    for key in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+        config.pop(key, None)
+    old_doc = dict(patch.manifest or {})
     old_sha = _patch_sha256(patch)
     target_rec = model_record(target, plan.ckpt, plan.module_shapes(), hash_weights=not plan.ckpt.is_pickle)
     progress("adapter", 1, 3)
     port_entry = {
         "from_patch_sha256": old_sha,
-        "from_base": (old.get("target") or old.get("base") or {}).get("model") or patch.base_model,
+        "from_base": (old_doc.get("target") or old_doc.get("base") or {}).get("model") or patch.base_model,
         "to": target.record_id,
         "revision": target.revision,
         "scale": scale,
+        "policy": {"dora": policy.dora, "modules_to_save": policy.whole},
+        "old_base": old.display if old is not None else None,
         "portllm_version": __version__,
         "created": now_iso(),
     }
-    if old:
-        manifest = dict(old)
+    if old_doc:
+        manifest = dict(old_doc)
         manifest["portllm_version"] = __version__
     else:
         manifest = build_manifest(
@@ -627,27 +700,27 @@ def port_adapter(
             lora=_lora_summary(patch),
             source={"kind": "peft-adapter", "path": str(patch.path.resolve())},
         )
+    manifest.pop("dora", None)  # norms of the old base: a retargeted DoRA patch is not ported again relatively
     manifest["target"] = target_rec
-    manifest["ports"] = list(old.get("ports") or []) + [port_entry]
+    manifest["ports"] = list(old_doc.get("ports") or []) + [port_entry]
     manifest.pop("calibration", None)  # an earlier port's: this one's scale is its own
     if calibration is not None:
         manifest["calibration"] = calibration  # how `scale` (folded into B) was chosen
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(target.path, patch.path)) as tmp:
+    inputs = (target.path, patch.path) + ((old.ckpt.root,) if old is not None else ())
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         write_patch_files(tmp, tensors, config, manifest)
         progress("adapter", 2, 3)
+        back = read_patch(tmp, verify=True)
+        landed = check_landing(back, layout, strip, target.display)
         if verify:
-            back = read_patch(tmp, verify=True)
-            for name, m in modules.items():
-                got = back.modules.get(name)
-                if got is None:
-                    raise IntegrityError(f"{out}: module {name} missing after writing")
-                for slot, a in (("A", got.A), ("B", got.B)):
-                    b = tensors[peft_key(name, slot, m.kind)]
-                    if a.dtype != b.dtype or not torch.equal(a, b):
-                        raise IntegrityError(f"{out}: module {name} differs after writing")
+            got = patch_tensors(back.modules, full={f.name: f.tensor for f in back.full.values()},
+                                tokens={t.module: t.values for t in back.tokens.values()})
+            for key, want in tensors.items():
+                have = got.get(key)
+                if have is None or have.dtype != want.dtype or not torch.equal(have, want):
+                    raise IntegrityError(f"{out}: {key} differs after writing")
         written = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
         progress("adapter", 3, 3)
-    warnings = list(plan.warnings)
     return PortResult(
         out=out,
         mode="adapter",
@@ -658,6 +731,36 @@ def port_adapter(
         seconds=time.monotonic() - t0,
         scale=scale,
         verified=verify,
-        warnings=warnings,
         calibration=calibration,
+        warnings=list(plan.warnings),
+        tensors_applied=landed,
+        tensors_total=len(tensors),
     )
+
+
+def check_landing(adapter: Patch, layout: Any, base_class: bool, target: str) -> int:
+    """Prove a written adapter acts on the target: every key names a module (parameter) of the
+    model transformers builds, exactly as PEFT will look it up, with the right shape. Returns the
+    number of adapter tensors that land; raises IncompatibleError otherwise."""
+    from portllm_cli.core.plan import locate
+
+    prefix = layout.base_prefix
+
+    def full_path(name: str) -> str:
+        return f"{prefix}.{name}" if base_class and prefix else name
+
+    cls = layout.model_class + (f".{prefix}" if base_class and prefix else "")
+    for m in adapter.modules.values():
+        if full_path(m.module) not in layout.module_types:
+            raise IncompatibleError(f"the written adapter's module {m.module} lands on no module of {target} ({cls})")
+    for f in adapter.full.values():
+        name = f.name.replace(".base_layer.bias", ".bias")
+        if full_path(name) not in layout.params:
+            raise IncompatibleError(f"the written adapter's tensor {f.name} lands on no parameter of {target} ({cls})")
+    for t in adapter.tokens.values():
+        if full_path(t.module) not in layout.module_types:
+            raise IncompatibleError(f"the written adapter's token rows for {t.module} land on no module of {target}")
+    loc = locate(adapter, layout)
+    if loc.errors:
+        raise IncompatibleError(f"the written adapter does not fit {target}: {loc.errors[0]}")
+    return len(adapter.tensor_keys())

@@ -21,7 +21,7 @@ from portllm_cli.errors import (
     UnsafeInputError,
 )
 from portllm_cli.io import strict_json
-from portllm_cli.io.safetensors import SafetensorsHeader, TensorInfo, read_header, read_tensor
+from portllm_cli.io.safetensors import DTYPES, SafetensorsHeader, TensorInfo, read_header, read_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -228,6 +228,19 @@ class Checkpoint:
         if info is not None:
             return read_tensor(f, info)
         return self._load_pickle(f)[name].clone()
+
+    def rows(self, name: str, r0: int, r1: int) -> "torch.Tensor":
+        """Rows [r0, r1) (along dimension 0) of a stored tensor, reading only those bytes."""
+        f, info = self.locations[name]
+        if info is None:
+            return self._load_pickle(f)[name][r0:r1].clone()
+        if not info.shape:
+            return read_tensor(f, info)
+        per_row = info.numel // info.shape[0] if info.shape[0] else 0
+        row_bytes = per_row * DTYPES[info.dtype][0]
+        begin = info.begin + r0 * row_bytes
+        part = TensorInfo(info.name, info.dtype, (r1 - r0, *info.shape[1:]), begin, begin + (r1 - r0) * row_bytes)
+        return read_tensor(f, part)
 
     def iter_file_order(self) -> Iterator[tuple[Path, list[str]]]:
         """Files in order, each with its tensor names in on-disk order."""

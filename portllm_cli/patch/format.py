@@ -25,6 +25,7 @@ from portllm_cli.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
+    PortllmError,
     UnsafeInputError,
     UnsupportedError,
 )
@@ -46,27 +47,82 @@ _KEY_RE = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$"
     r"|^(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_]+)?$"
 )
+# Other tensors a PEFT 0.21 LoRA adapter holds (keys without the adapter name, as PEFT saves them).
+_BIAS_RE = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[A-Za-z0-9_]+)?\.bias$")  # lora_bias=True
+_MAGNITUDE_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")  # DoRA
+_TOKENS_RE = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[A-Za-z0-9_]+)?$")
+_BASE_LAYER = ".base_layer"
+
+# init_lora_weights values (PEFT 0.21) whose saved factors mean W + scale*B@A on the unchanged
+# base: PEFT re-runs their initialisation on load, then overwrites it with the saved factors.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
+# Values with which PEFT subtracted an initial s*B0@A0 from the base before training, and does it
+# again on every load: the saved factors mean W - s*B0@A0 + s*B@A. portllm converts them against
+# the old base, as PEFT's own conversion does: rank 2r, A' = [A; A0], B' = [B, -B0].
+CONVERTIBLE_INITS = ("pissa", "olora")
+_REFUSED_INITS = {
+    "pissa_niter": "PiSSA with a randomized SVD (init_lora_weights {v!r}): the initial factors PEFT subtracted "
+                   "from the base at training time cannot be recomputed exactly",
+    "corda": "CorDA (init_lora_weights 'corda'): the initial factors PEFT subtracted from the base came from "
+             "activation statistics the adapter does not record",
+    "loftq": "LoftQ (init_lora_weights 'loftq'): PEFT replaces the base weights with a quantized residual when it "
+             "loads the adapter",
+    "lora_ga": "LoRA-GA (init_lora_weights 'lora_ga'): the initial factors subtracted from the base at training "
+               "time came from gradients the adapter does not record",
+}
+CONVERT_HINT = (
+    "convert it where it was trained: PeftModel.save_pretrained(OUT, "
+    "path_initial_model_for_weight_conversion=INITIAL_ADAPTER_DIR), then use OUT"
+)
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def init_kind(cfg: dict[str, Any]) -> str:
+    """'plain', 'pissa' or 'olora' for a config that passed validation."""
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, bool) or init in PLAIN_INITS:
+        return "plain"
+    return str(init).lower()
 
 
 @dataclass
 class LoraModule:
-    """One adapted module: delta W = scale * B @ A (transposed for embeddings / fan_in_fan_out)."""
+    """One adapted module: delta W = scale * B @ A (transposed for embeddings / fan_in_fan_out).
+
+    ``name`` is the module path as the adapter stores it (PEFT's prefix removed). A LoRA on a raw
+    parameter (``target_parameters``) is wrapped by PEFT in ``ParamWrapper`` layers, nested one
+    ``.base_layer`` deeper per extra parameter of the same module: ``depth`` counts them and
+    ``module`` is the path without them. Which parameter it adapts, and how many experts the
+    factors stack, is only known against a model (``core.layout``).
+    """
 
     name: str  # module path in the model, e.g. model.layers.0.self_attn.q_proj
-    A: "torch.Tensor"  # (r, in)   for embeddings: (r, num_embeddings)
-    B: "torch.Tensor"  # (out, r)  for embeddings: (dim, r)
+    A: "torch.Tensor"  # (r, in)   for embeddings: (r, num_embeddings); experts: (E*r, in)
+    B: "torch.Tensor"  # (out, r)  for embeddings: (dim, r);           experts: (out, E*r)
     alpha: float
     use_rslora: bool = False
     kind: str = "linear"  # "linear" or "embedding"
     fan_in_fan_out: bool = False
+    magnitude: "torch.Tensor | None" = None  # DoRA: lora_magnitude_vector, one per output feature
+    bias: "torch.Tensor | None" = None  # lora_bias: lora_B.bias, added as scale * bias
+    depth: int = 0  # ParamWrapper nesting (target_parameters)
+    r: int | None = None  # the rank from the config (differs from A's rows when experts are stacked)
 
     @property
     def rank(self) -> int:
-        return int(self.A.shape[0])
+        return int(self.r if self.r is not None else self.A.shape[0])
 
     @property
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    @property
+    def module(self) -> str:
+        """The adapted module's path, without ParamWrapper nesting."""
+        name = self.name
+        for _ in range(self.depth):
+            name = name[: -len(_BASE_LAYER)]
+        return name
 
     @property
     def weight_key(self) -> str:
@@ -74,11 +130,15 @@ class LoraModule:
 
     @property
     def weight_shape(self) -> tuple[int, int]:
-        """Shape of the model weight this module adds to."""
+        """Shape of the model weight this module adds to (a plain module; see core.layout for experts)."""
         out_dim, in_dim = int(self.B.shape[0]), int(self.A.shape[1])
         if self.kind == "embedding" or self.fan_in_fan_out:
             return (in_dim, out_dim)
         return (out_dim, in_dim)
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
 
     def delta(self, extra_scale: float = 1.0) -> "torch.Tensor":
         """scale * B @ A in float32, in the layout of the model's weight."""
@@ -91,12 +151,37 @@ class LoraModule:
 
 
 @dataclass
+class FullTensor:
+    """A whole tensor the adapter stores (``modules_to_save``, ``bias="all"|"lora_only"``): the
+    value it had after training on the *old* base, for ``name`` (a parameter path in the model)."""
+
+    name: str  # e.g. lm_head.weight, model.layers.0.self_attn.q_proj.bias
+    tensor: "torch.Tensor"
+    origin: str  # "modules_to_save" or "bias"
+    key: str  # the adapter's key
+
+
+@dataclass
+class TokenRows:
+    """``trainable_token_indices``: rows of an embedding as trained on the old base (PEFT writes
+    them over the model's rows with index_copy)."""
+
+    module: str  # e.g. model.embed_tokens
+    indices: list[int]
+    values: "torch.Tensor"  # (len(indices), dim)
+    key: str
+
+
+@dataclass
 class Patch:
     path: Path
     config: dict[str, Any]
     manifest: dict[str, Any]
     modules: dict[str, LoraModule]
     warnings: list[str] = field(default_factory=list)
+    full: dict[str, FullTensor] = field(default_factory=dict)  # parameter path -> saved tensor
+    tokens: dict[str, TokenRows] = field(default_factory=dict)  # module path -> saved rows
+    outline: bool = False  # names and shapes only (read_outline): no factor values
 
     @property
     def rank(self) -> int:
@@ -115,8 +200,46 @@ class Patch:
     def has_manifest(self) -> bool:
         return bool(self.manifest)
 
+    @property
+    def init(self) -> str:
+        """'plain', or the init PEFT re-runs on the base when it loads the adapter ('pissa', 'olora')."""
+        return init_kind(self.config)
+
+    @property
+    def is_dora(self) -> bool:
+        return any(m.is_dora for m in self.modules.values())
+
+    @property
+    def uses_parameters(self) -> bool:
+        return bool(self.config.get("target_parameters"))
+
+    def tensor_keys(self) -> list[str]:
+        """Every adapter tensor that carries part of the patch (what the effect check counts)."""
+        keys: list[str] = []
+        for m in self.modules.values():
+            keys += [peft_key(m.name, "A", m.kind), peft_key(m.name, "B", m.kind)]
+            if m.magnitude is not None:
+                keys.append(f"{PEFT_PREFIX}{m.name}.lora_magnitude_vector")
+            if m.bias is not None:
+                keys.append(f"{PEFT_PREFIX}{m.name}.lora_B.bias")
+        keys += [f.key for f in self.full.values()] + [t.key for t in self.tokens.values()]
+        return keys
+
+    def is_plain(self) -> bool:
+        """Nothing but W + scale*B@A on modules (the paper's LoRA, and the fast path)."""
+        return (
+            self.init == "plain"
+            and not self.full
+            and not self.tokens
+            and not self.uses_parameters
+            and all(m.magnitude is None and m.bias is None and m.depth == 0 for m in self.modules.values())
+        )
+
     def touches_embeddings(self) -> bool:
-        return any(m.kind == "embedding" or "embed" in m.name or "lm_head" in m.name for m in self.modules.values())
+        names = [m.name for m in self.modules.values()] + list(self.full) + list(self.tokens)
+        return bool(self.tokens) or any(m.kind == "embedding" for m in self.modules.values()) or any(
+            "embed" in n or "lm_head" in n or "wte" in n for n in names
+        )
 
 
 def now_iso() -> str:
@@ -141,21 +264,17 @@ KNOWN_CONFIG_KEYS = frozenset(
         "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core", "modules_to_save",
         "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern", "revision",
         "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora", "lora_bias",
-        "velora_config",
+        "velora_config", "target_parameters", "trainable_token_indices",
         # the variants below are refused when set (see _REFUSED_WHEN_SET)
         "alora_invocation_tokens", "arrow_config", "kasa_config", "layer_replication",
-        "monteclora_config", "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
+        "monteclora_config", "use_bdlora", "use_qalora",
     }
 )
-# Set to anything but null/false/empty, these make an adapter something other than W + scale*B@A.
+# Set to anything but null/false/empty, these make an adapter something other than what portllm ports.
 _REFUSED_WHEN_SET = {
-    "use_dora": "DoRA adapters cannot be merged linearly; portllm supports plain LoRA",
-    "lora_bias": "adapters with lora_bias are not supported",
     "use_qalora": "QALoRA adapters act on pooled inputs and cannot be merged as W + scale*B@A",
     "alora_invocation_tokens": "Activated LoRA (aLoRA) adapters apply only after their invocation tokens and cannot be merged",
     "layer_replication": "adapters with layer_replication change the model's layer structure",
-    "target_parameters": "adapters on raw parameters (target_parameters) are not supported",
-    "trainable_token_indices": "adapters with trainable token embeddings (trainable_token_indices) are not supported",
     "use_bdlora": "block-diagonal LoRA (BD-LoRA) adapters are not supported",
     "arrow_config": "Arrow-routed LoRA adapters are not supported",
     "kasa_config": "KaSA adapters are not supported",
@@ -189,6 +308,36 @@ def _check_patterns(cfg: dict[str, Any], where: Path) -> None:
                 raise InvalidInputError(f"{where}: {key}[{pat!r}] must be {want}, got {value!r}")
 
 
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+
+def _is_index_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+
+def _check_init(cfg: dict[str, Any], where: Path) -> None:
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, bool) or init in PLAIN_INITS or init in CONVERTIBLE_INITS:
+        pass
+    elif isinstance(init, str):
+        key = "pissa_niter" if init.startswith("pissa_niter_") else init
+        why = _REFUSED_INITS.get(key)
+        if why is None:
+            raise UnsupportedError(
+                f"{where}: init_lora_weights {init[:40]!r} is not a value PEFT 0.21 knows; portllm cannot tell "
+                "what the saved factors mean"
+            )
+        raise UnsupportedError(f"{where}: {why.format(v=init)}", hint=CONVERT_HINT)
+    else:
+        raise InvalidInputError(f"{where}: 'init_lora_weights' must be true, false or a string, got {init!r}")
+    if init in CONVERTIBLE_INITS and cfg.get("use_dora"):
+        raise UnsupportedError(
+            f"{where}: DoRA on top of a {init!r} initialisation: the magnitudes were measured on the changed base",
+            hint=CONVERT_HINT,
+        )
+
+
 def _validate_config(cfg: Any, where: Path, warnings: list[str] | None = None) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise InvalidInputError(f"{where}: adapter config must be a JSON object")
@@ -206,17 +355,30 @@ def _validate_config(cfg: Any, where: Path, warnings: list[str] | None = None) -
     if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
         raise InvalidInputError(f"{where}: 'lora_alpha' must be a finite number, got {a!r}")
     _check_patterns(cfg, where)
-    for key in ("use_rslora", "fan_in_fan_out"):
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
         v = cfg.get(key)
         if v is not None and not isinstance(v, bool):
             raise InvalidInputError(f"{where}: {key!r} must be true or false, got {v!r}")
     for key, why in _REFUSED_WHEN_SET.items():
         if cfg.get(key) not in (None, False, [], {}, ""):
             raise UnsupportedError(f"{where}: {why}")
-    if cfg.get("modules_to_save"):
-        raise UnsupportedError(
-            f"{where}: modules_to_save {cfg['modules_to_save']!r} stores full weights, not a low-rank patch"
+    _check_init(cfg, where)
+    bias = cfg.get("bias", "none")
+    if bias not in BIAS_MODES:
+        raise InvalidInputError(f"{where}: 'bias' must be one of {', '.join(BIAS_MODES)}, got {bias!r}")
+    for key in ("modules_to_save", "target_parameters"):
+        v = cfg.get(key)
+        if v is not None and not _is_str_list(v):
+            raise InvalidInputError(f"{where}: {key!r} must be a list of strings, got {str(v)[:60]}")
+    tti = cfg.get("trainable_token_indices")
+    if tti is not None and not (
+        _is_index_list(tti) or (isinstance(tti, dict) and all(isinstance(k, str) and _is_index_list(v) for k, v in tti.items()))
+    ):
+        raise InvalidInputError(
+            f"{where}: 'trainable_token_indices' must be a list of token ids or an object of module -> token ids"
         )
+    if cfg.get("target_parameters") and cfg.get("use_dora"):
+        raise UnsupportedError(f"{where}: DoRA with target_parameters (PEFT itself refuses the combination)")
     tm = cfg.get("target_modules")
     if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
         raise InvalidInputError(f"{where}: 'target_modules' must be a list of strings or a string")
@@ -228,77 +390,251 @@ def _validate_config(cfg: Any, where: Path, warnings: list[str] | None = None) -
     return cfg
 
 
-def parse_modules(
-    tensors: dict[str, "torch.Tensor"], cfg: dict[str, Any], where: Path, warnings: list[str] | None = None
-) -> dict[str, LoraModule]:
+def validate_config(cfg: Any, where: Path, warnings: list[str] | None = None) -> dict[str, Any]:
+    """Check an adapter config (PEFT LoraConfig as JSON) and return it; refuses what portllm cannot port."""
+    return _validate_config(cfg, where, warnings)
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def _nesting(module: str) -> tuple[str, int]:
+    depth = 0
+    while module.endswith(_BASE_LAYER):
+        module = module[: -len(_BASE_LAYER)]
+        depth += 1
+    return module, depth
+
+
+def _saved_module(module: str, modules_to_save: list[str]) -> bool:
+    # PEFT's rule for modules_to_save (peft.utils.other._set_trainable): a plain string suffix
+    return any(module.endswith(t) for t in modules_to_save)
+
+
+@dataclass
+class KeyRole:
+    """What one adapter key is: ``role`` in lora_A, lora_B, bias, magnitude, tokens, full, dropped."""
+
+    role: str
+    module: str  # module path (for full: the parameter path)
+    kind: str = "linear"
+
+
+def classify_key(key: str, cfg: dict[str, Any]) -> KeyRole | None:
+    """The one reader of adapter key names: what a key of ``adapter_model.safetensors`` holds, or None."""
+    name = _strip_prefix(key)
+    m = _KEY_RE.match(name)
+    if m:
+        module = m.group("module") or m.group("emodule")
+        part = m.group("part") or m.group("epart")
+        kind = "embedding" if part.startswith("lora_embedding") else "linear"
+        return KeyRole("lora_A" if part.endswith("A") else "lora_B", module, kind)
+    for regex, role in ((_BIAS_RE, "bias"), (_MAGNITUDE_RE, "magnitude"), (_TOKENS_RE, "tokens")):
+        m = regex.match(name)
+        if m:
+            return KeyRole(role, m.group("module"))
+    if name.endswith(".base_layer.weight"):
+        return KeyRole("dropped", name)
+    bias = cfg.get("bias", "none")
+    if name.endswith(".base_layer.bias") and bias in ("all", "lora_only"):
+        return KeyRole("full", name[: -len(".base_layer.bias")] + ".bias", "bias")
+    module = name.rsplit(".", 1)[0] if "." in name else ""
+    if module and _saved_module(module, cfg.get("modules_to_save") or []):
+        return KeyRole("full", name, "modules_to_save")
+    if bias == "all" and name.endswith(".bias"):
+        return KeyRole("full", name, "bias")
+    return None
+
+
+def _token_indices(cfg: dict[str, Any], module: str, where: Path) -> list[int]:
+    tti = cfg.get("trainable_token_indices")
+    if tti is None:
+        raise InvalidInputError(f"{where}: {module}: trainable token rows but no 'trainable_token_indices' in the config")
+    if isinstance(tti, list):
+        return list(tti)
+    hits = [v for k, v in tti.items() if module == k or module.endswith("." + k) or module.endswith(k)]
+    if len(hits) != 1:
+        raise InvalidInputError(f"{where}: {module}: 'trainable_token_indices' names it {len(hits)} times (need exactly one)")
+    return list(hits[0])
+
+
+def _finite(t: "torch.Tensor", where: Path, what: str) -> None:
     import torch
 
+    if not t.is_floating_point():
+        raise InvalidInputError(f"{where}: {what} has non-float dtype {t.dtype}")
+    bad = ~torch.isfinite(t.to(torch.float32))
+    if bool(bad.any()):
+        raise IntegrityError(f"{where}: {what} holds NaN or Inf ({int(bad.sum())} values)")
+
+
+def parse_tensors(
+    tensors: dict[str, "torch.Tensor"], cfg: dict[str, Any], where: Path, warnings: list[str] | None = None
+) -> tuple[dict[str, LoraModule], dict[str, FullTensor], dict[str, TokenRows]]:
+    """Every tensor of an adapter, by what it is: LoRA modules, saved whole tensors, token rows."""
     parts: dict[str, dict[str, "torch.Tensor"]] = {}
     kinds: dict[str, str] = {}
+    full: dict[str, FullTensor] = {}
+    tokens: dict[str, TokenRows] = {}
+    params = bool(cfg.get("target_parameters"))
     for key, t in tensors.items():
-        if key.endswith(".base_layer.weight"):
+        role = classify_key(key, cfg)
+        if role is None:
+            raise InvalidInputError(f"{where}: unknown tensor key {key!r} (not a LoRA A/B factor)")
+        if role.role == "dropped":
             # PEFT's save_embedding_layers stores the *old* base's full embedding matrix; carrying
             # it to an evolved model would undo the update, so it is never part of a patch.
             if warnings is not None:
                 warnings.append(f"{where}: ignoring {key} (a full copy of the old base's weights, not a LoRA factor)")
             continue
-        m = _KEY_RE.match(key)
-        if not m:
-            raise InvalidInputError(f"{where}: unknown tensor key {key!r} (not a LoRA A/B factor)")
-        module = m.group("module") or m.group("emodule")
-        part = m.group("part") or m.group("epart")
-        kind = "embedding" if part.startswith("lora_embedding") else "linear"
-        if module.startswith(PEFT_PREFIX):
-            module = module[len(PEFT_PREFIX):]
-        slot = "A" if part.endswith("A") else "B"
+        if role.role == "full":
+            if role.module in full:
+                raise InvalidInputError(f"{where}: {role.module!r} is stored twice")
+            _finite(t, where, f"{key!r}")
+            full[role.module] = FullTensor(role.module, t, role.kind, key)
+            continue
+        if role.role == "tokens":
+            indices = _token_indices(cfg, role.module, where)
+            if t.ndim != 2 or t.shape[0] != len(indices):
+                raise InvalidInputError(
+                    f"{where}: {key!r} has shape {tuple(t.shape)} for {len(indices)} trainable token indices"
+                )
+            if len(set(indices)) != len(indices):
+                raise InvalidInputError(f"{where}: {role.module}: 'trainable_token_indices' repeats a token id")
+            _finite(t, where, f"{key!r}")
+            tokens[role.module] = TokenRows(role.module, indices, t, key)
+            continue
+        module = role.module
+        slot = {"lora_A": "A", "lora_B": "B", "bias": "bias", "magnitude": "magnitude"}[role.role]
         if slot in parts.setdefault(module, {}):
-            raise InvalidInputError(f"{where}: duplicate lora_{slot} for module {module!r}")
-        if kinds.setdefault(module, kind) != kind:
-            raise InvalidInputError(f"{where}: module {module!r} mixes embedding and linear factors")
-        if t.ndim != 2:
-            raise InvalidInputError(f"{where}: {key!r} must be 2-D, got shape {tuple(t.shape)}")
+            raise InvalidInputError(f"{where}: duplicate {role.role} for module {module!r}")
+        if role.role in ("lora_A", "lora_B"):
+            if kinds.setdefault(module, role.kind) != role.kind:
+                raise InvalidInputError(f"{where}: module {module!r} mixes embedding and linear factors")
+            if t.ndim != 2:
+                raise InvalidInputError(f"{where}: {key!r} must be 2-D, got shape {tuple(t.shape)}")
+        elif t.ndim != 1:
+            raise InvalidInputError(f"{where}: {key!r} must be 1-D, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise InvalidInputError(f"{where}: {key!r} has non-float dtype {t.dtype}")
         parts[module][slot] = t
-    if not parts:
+    if not parts and not full and not tokens:
         raise InvalidInputError(f"{where}: the adapter holds no LoRA factors")
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    use_dora = bool(cfg.get("use_dora"))
     modules: dict[str, LoraModule] = {}
-    for module, p in sorted(parts.items()):
+    for name, p in sorted(parts.items()):
         if "A" not in p or "B" not in p:
             missing = "lora_B" if "B" not in p else "lora_A"
-            raise InvalidInputError(f"{where}: module {module!r} has no {missing}")
+            raise InvalidInputError(f"{where}: module {name!r} has no {missing}")
         A, B = p["A"], p["B"]
-        if kinds[module] == "embedding":
-            r_a, r_b = A.shape[0], B.shape[1]
-        else:
-            r_a, r_b = A.shape[0], B.shape[1]
+        r_a, r_b = A.shape[0], B.shape[1]
         if r_a != r_b:
+            raise InvalidInputError(f"{where}: module {name!r}: lora_A has rank {r_a} but lora_B has rank {r_b}")
+        _, depth = _nesting(name)
+        if depth and not params:
+            raise InvalidInputError(f"{where}: module {name!r}: nested base_layer factors without target_parameters")
+        expected_r = _pattern_value(rank_pattern, name, cfg["r"])
+        # factors of a targeted parameter stack one rank-r block per expert: checked against the model
+        if r_a != expected_r and not (params and r_a % expected_r == 0):
             raise InvalidInputError(
-                f"{where}: module {module!r}: lora_A has rank {r_a} but lora_B has rank {r_b}"
+                f"{where}: module {name!r}: factors have rank {r_a} but the config says r={expected_r}"
             )
-        expected_r = _pattern_value(rank_pattern, module, cfg["r"])
-        if r_a != expected_r:
+        out_dim = B.shape[0]
+        mag, bias = p.get("magnitude"), p.get("bias")
+        if use_dora and mag is None:
+            raise InvalidInputError(f"{where}: module {name!r}: use_dora is set but it has no lora_magnitude_vector")
+        if mag is not None and not use_dora:
+            raise InvalidInputError(f"{where}: module {name!r}: a DoRA lora_magnitude_vector but use_dora is not set")
+        if mag is not None and mag.shape[0] != out_dim:
             raise InvalidInputError(
-                f"{where}: module {module!r}: factors have rank {r_a} but the config says r={expected_r}"
+                f"{where}: module {name!r}: lora_magnitude_vector has {mag.shape[0]} values for {out_dim} output features"
             )
-        for slot, t in (("A", A), ("B", B)):
-            bad = ~torch.isfinite(t.to(torch.float32))
-            if bool(bad.any()):
-                raise IntegrityError(
-                    f"{where}: module {module!r}: lora_{slot} holds NaN or Inf ({int(bad.sum())} values)"
-                )
-        modules[module] = LoraModule(
-            name=module,
+        if bias is not None and not cfg.get("lora_bias"):
+            raise InvalidInputError(f"{where}: module {name!r}: a lora_B.bias but lora_bias is not set")
+        if bias is not None and (kinds[name] != "linear" or bias.shape[0] != out_dim):
+            raise InvalidInputError(f"{where}: module {name!r}: lora_B.bias does not fit lora_B {tuple(B.shape)}")
+        for slot, t in (("A", A), ("B", B), ("magnitude_vector", mag), ("B.bias", bias)):
+            if t is not None:
+                _finite(t, where, f"module {name!r}: lora_{slot}")
+        modules[name] = LoraModule(
+            name=name,
             A=A,
             B=B,
-            alpha=float(_pattern_value(alpha_pattern, module, cfg["lora_alpha"])),
+            alpha=float(_pattern_value(alpha_pattern, name, cfg["lora_alpha"])),
             use_rslora=bool(cfg.get("use_rslora", False)),
-            kind=kinds[module],
+            kind=kinds[name],
+            fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+            magnitude=mag,
+            bias=bias,
+            depth=depth,
+            r=int(expected_r),
+        )
+    return modules, full, tokens
+
+
+def parse_modules(
+    tensors: dict[str, "torch.Tensor"], cfg: dict[str, Any], where: Path, warnings: list[str] | None = None
+) -> dict[str, LoraModule]:
+    """The LoRA modules of an adapter (see parse_tensors for everything it holds)."""
+    return parse_tensors(tensors, cfg, where, warnings)[0]
+
+
+def read_outline(path: str | os.PathLike[str]) -> "Patch | None":
+    """A patch's names and shapes from its config and safetensors header: no torch, no factors read.
+
+    Factor "tensors" are stand-ins with a ``shape`` only. None whenever anything needs the full
+    reader's judgement (``read_patch`` then reports it), or the patch is more than plain LoRA.
+    """
+    from portllm_cli.io.safetensors import read_header
+
+    path = Path(path)
+    try:
+        cfg = _validate_config(read_json(path / ADAPTER_CONFIG, "adapter config"), path)
+        manifest = read_manifest(path)
+        header = read_header(path / ADAPTER_WEIGHTS)
+    except (PortllmError, OSError):
+        return None
+    if init_kind(cfg) != "plain" or cfg.get("target_parameters"):
+        return None
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    kinds: dict[str, str] = {}
+    for key, info in header.tensors.items():
+        role = classify_key(key, cfg)
+        if role is None or role.role not in ("lora_A", "lora_B", "dropped") or (
+            role.role != "dropped" and len(info.shape) != 2
+        ):
+            return None
+        if role.role == "dropped":
+            continue
+        slot = "A" if role.role == "lora_A" else "B"
+        if slot in parts.setdefault(role.module, {}):
+            return None
+        parts[role.module][slot] = info.shape
+        kinds[role.module] = role.kind
+    if not parts or any(set(p) != {"A", "B"} for p in parts.values()):
+        return None
+    modules = {
+        name: LoraModule(
+            name=name,
+            A=_Shape(p["A"]),  # type: ignore[arg-type]
+            B=_Shape(p["B"]),  # type: ignore[arg-type]
+            alpha=float(cfg["lora_alpha"]),
+            kind=kinds[name],
             fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
         )
-    return modules
+        for name, p in parts.items()
+    }
+    return Patch(path, cfg, manifest, modules, [], outline=True)
+
+
+class _Shape:
+    """Stands in for a factor tensor where only its shape is needed (the compatibility check)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
 
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -431,8 +767,8 @@ def _read_patch(path: Path, *, verify: bool) -> Patch:
     else:
         warnings.append(f"{path}: no {MANIFEST}; a plain PEFT adapter (not integrity-checked)")
     _, tensors = parse_snapshot(weights, data)  # validates the layout before any tensor is used
-    modules = parse_modules(tensors, cfg, weights, warnings)
-    return Patch(path, cfg, manifest, modules, warnings)
+    modules, full, tokens = parse_tensors(tensors, cfg, weights, warnings)
+    return Patch(path, cfg, manifest, modules, warnings, full, tokens)
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -513,13 +849,30 @@ def write_patch_files(
     return manifest
 
 
-def patch_tensors(modules: dict[str, LoraModule], b_scale: float = 1.0) -> dict[str, "torch.Tensor"]:
-    """PEFT-named tensors for a set of modules (B optionally rescaled, e.g. for --scale)."""
+def patch_tensors(
+    modules: dict[str, LoraModule],
+    b_scale: float = 1.0,
+    *,
+    full: dict[str, "torch.Tensor"] | None = None,
+    tokens: dict[str, "torch.Tensor"] | None = None,
+) -> dict[str, "torch.Tensor"]:
+    """PEFT-named tensors for a set of modules (B and its bias optionally rescaled, e.g. for --scale),
+    plus whole tensors (``full``: parameter path -> tensor, saved as PEFT saves modules_to_save and
+    biases) and trainable token rows (``tokens``: module path -> rows)."""
     out = {}
     for m in modules.values():
         out[peft_key(m.name, "A", m.kind)] = m.A.contiguous()
         B = m.B if b_scale == 1.0 else (m.B.to(_f32()) * b_scale).to(m.B.dtype)
         out[peft_key(m.name, "B", m.kind)] = B.contiguous()
+        if m.magnitude is not None:
+            out[f"{PEFT_PREFIX}{m.name}.lora_magnitude_vector"] = m.magnitude.contiguous()
+        if m.bias is not None:
+            bias = m.bias if b_scale == 1.0 else (m.bias.to(_f32()) * b_scale).to(m.bias.dtype)
+            out[f"{PEFT_PREFIX}{m.name}.lora_B.bias"] = bias.contiguous()
+    for name, t in (full or {}).items():
+        out[f"{PEFT_PREFIX}{name}"] = t.contiguous()
+    for module, t in (tokens or {}).items():
+        out[f"{PEFT_PREFIX}{module}.token_adapter.trainable_tokens_delta"] = t.contiguous()
     return out
 
 
