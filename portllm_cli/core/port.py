@@ -27,23 +27,35 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from portllm_cli import __version__
 from portllm_cli.core.compat import CompatReport, check_compatibility
-from portllm_cli.core.merge import Workspace, merge_weight
+from portllm_cli.core.merge import Edit, LoraEdit, Workspace, block_rows, merge_stream, merge_weight
 from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.errors import IntegrityError, PortllmError, UnsupportedError, UsageError
 from portllm_cli.io.atomic import atomic_output_dir, copy_file
 from portllm_cli.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, Checkpoint, read_json
 from portllm_cli.io.safetensors import (
+    DTYPES,
     SafetensorsWriter,
     TensorInfo,
     read_header,
     read_tensor,
     tensor_bytes,
+    torch_dtype,
+)
+from portllm_cli.io.shards import (
+    Buffers,
+    ShardCopier,
+    clone_file,
+    first_difference,
+    pread_into,
+    pwrite_all,
+    untargeted_spans,
 )
 from portllm_cli.patch.format import (
     ADAPTER_WEIGHTS,
     LoraModule,
     Patch,
     build_manifest,
+    materialize,
     now_iso,
     patch_tensors,
     peft_key,
@@ -58,8 +70,6 @@ if TYPE_CHECKING:
 
 PORT_RECORD = "portllm_port.json"
 MERGEABLE_DTYPES = ("F32", "F16", "BF16", "F64")
-COPY_STEP = 256 << 20  # bytes copied between two progress ticks
-COMPARE_STEP = 16 << 20
 # Kernel copies of different shards run side by side: memory bandwidth allows more than one
 # stream, and each releases the GIL. Measured on 2 cores: 2 workers ~20% faster than 1.
 COPY_WORKERS = max(1, min(4, os.cpu_count() or 1))
@@ -159,87 +169,6 @@ def _patch_record_id(patch: Patch, res: Resolved | None) -> str:
     return res.record_id if res is not None else str(patch.path.resolve())
 
 
-# -- low-level byte moving -------------------------------------------------------------------
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise OSError(f"short write at offset {offset + done}")
-        done += n
-
-
-def _same_bytes(a_fd: int, b_fd: int, begin: int, end: int) -> int | None:
-    """First differing offset in [begin, end) of two files, or None when equal."""
-    pos = begin
-    while pos < end:
-        n = min(COMPARE_STEP, end - pos)
-        x, y = os.pread(a_fd, n, pos), os.pread(b_fd, n, pos)
-        if x != y:
-            if len(x) != len(y):
-                return pos + min(len(x), len(y))
-            return pos + next(i for i in range(len(x)) if x[i] != y[i])
-        pos += n
-    return None
-
-
-class _ShardCopier:
-    """Copies the untargeted byte ranges of each shard in worker threads while the caller
-    reads the patch and merges the targeted tensors (``copy_file_range`` runs in the kernel and
-    releases the GIL, so copying, importing torch and merging overlap)."""
-
-    def __init__(self, tick: Callable[[int], None]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="portllm-copy")
-        self._cancel = threading.Event()
-        self._futures: list = []
-        self._tick = tick
-
-    def submit(self, src: Path, dst_fd: int, spans: list[tuple[int, int]]) -> None:
-        self._futures.append(self._pool.submit(self._run, src, dst_fd, spans))
-
-    def _run(self, src: Path, dst_fd: int, spans: list[tuple[int, int]]) -> None:
-        from portllm_cli.io.safetensors import copy_range
-
-        with open(src, "rb", buffering=0) as fs:
-            for begin, end in spans:
-                pos = begin
-                while pos < end:
-                    if self._cancel.is_set():
-                        return
-                    n = min(COPY_STEP, end - pos)
-                    copy_range(fs.fileno(), dst_fd, pos, n)
-                    pos += n
-                    self._tick(n)
-
-    def finish(self, fds: list[int]) -> None:
-        """Wait for every copy, then fsync every file (in parallel): on disk before the rename."""
-        try:
-            for f in self._futures:
-                f.result()
-            for f in [self._pool.submit(os.fsync, fd) for fd in fds]:
-                f.result()
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        self._cancel.set()
-        self._pool.shutdown(wait=True)
-
-
-def _untargeted_spans(size: int, infos: list[TensorInfo]) -> list[tuple[int, int]]:
-    spans, cursor = [], 0
-    for info in sorted(infos, key=lambda i: i.begin):
-        if info.begin > cursor:
-            spans.append((cursor, info.begin))
-        cursor = info.end
-    if cursor < size:
-        spans.append((cursor, size))
-    return spans
-
-
 class _torch_threads:
     """Share the cores between the merge workers (torch's thread count is per process); restore
     the caller's setting after."""
@@ -307,69 +236,149 @@ def _patch_outline(path: Path) -> Patch | None:
 
 
 # -- merged output ----------------------------------------------------------------------------
-def _targets_by_file(plan: PortPlan, patch: Patch) -> dict[Path, list[tuple[str, LoraModule]]]:
-    by_file: dict[Path, list[tuple[str, LoraModule]]] = {}
+# float32 bytes of one merge block in a port: small enough that the block, its delta and its stored
+# rows stay in the CPU's caches between the read, the arithmetic and the write, large enough that
+# each pread and pwrite moves a megabyte or more. The bits do not depend on it (core.merge).
+PORT_BLOCK_BYTES = 4 << 20
+
+
+@dataclass
+class _Target:
+    """One stored tensor to merge, and how to build its edits when its turn comes (reading the
+    factors they need then, not before)."""
+
+    info: TensorInfo
+    edits: Callable[[], list[Edit]]
+
+
+def _targets(plan: PortPlan, patch: Patch, scale: float) -> dict[Path, list[_Target]]:
+    """Per shard, in file order, every targeted tensor with its list of edits."""
+    by_file: dict[Path, list[_Target]] = {}
     for module, key in plan.key_map.items():
-        f, _ = plan.ckpt.locations[key]
-        by_file.setdefault(f, []).append((key, patch.modules[module]))
+        f, info = plan.ckpt.locations[key]
+        m = patch.modules[module]
+        by_file.setdefault(f, []).append(_Target(info, lambda m=m: [LoraEdit(materialize(m), scale)]))
+    for targets in by_file.values():
+        targets.sort(key=lambda t: t.info.begin)
     return by_file
+
+
+def _row_layout(info: TensorInfo) -> tuple[int, int, tuple[int, ...]]:
+    """(rows, bytes per row, shape of a row) of a stored tensor; rows run along dimension 0."""
+    shape = info.shape or (1,)
+    row_elems = math.prod(shape[1:])
+    return int(shape[0]), row_elems * DTYPES[info.dtype][0], tuple(shape[1:])
+
+
+def _rows_reader(fd: int, info: TensorInfo, bufs: Buffers, name: str = "rows") -> Callable[[int, int], "torch.Tensor"]:
+    """read_rows(r0, r1) for core.merge: a pread into a reused buffer, viewed as the stored dtype."""
+    import torch
+
+    dtype = torch_dtype(info.dtype)
+    _, row_bytes, row_shape = _row_layout(info)
+    elems = row_bytes // DTYPES[info.dtype][0]
+
+    def read_rows(r0: int, r1: int) -> "torch.Tensor":
+        n = (r1 - r0) * row_bytes
+        buf = bufs.get(name, n)
+        pread_into(fd, memoryview(buf)[:n], info.begin + r0 * row_bytes)
+        return torch.frombuffer(buf, dtype=dtype, count=(r1 - r0) * elems).view(r1 - r0, *row_shape)
+
+    return read_rows
+
+
+def merge_shard_tensor(
+    src_fd: int,
+    dst_fd: int,
+    info: TensorInfo,
+    edits: list[Edit],
+    *,
+    block_bytes: int = PORT_BLOCK_BYTES,
+    ws: Workspace | None = None,
+    bufs: Buffers | None = None,
+    tick: Callable[[int], None] | None = None,
+) -> None:
+    """Merge one stored tensor of a shard into the output shard, a row block at a time: pread the
+    rows from the source, apply the edits (core.merge.merge_stream), pwrite the merged rows at the
+    same offset of the output. Memory is one block, whatever the tensor's size. The per-tensor step
+    of a port (tests/slow_port.py wraps it)."""
+    if info.nbytes == 0:
+        return
+    ws, bufs = ws or Workspace(), bufs or Buffers()
+    n_rows, row_bytes, _ = _row_layout(info)
+
+    def write_rows(r0: int, t: "torch.Tensor") -> None:
+        data = tensor_bytes(t)
+        pwrite_all(dst_fd, data, info.begin + r0 * row_bytes)
+        if tick is not None:
+            tick(len(data))
+
+    merge_stream(n_rows, _rows_reader(src_fd, info, bufs), write_rows, edits, block_rows(info.shape or (1,), block_bytes), ws)
 
 
 def _port_safetensors_shards(
     plan: PortPlan, patch: Patch, tmp: Path, scale: float, tick: Callable[[int], None],
-    load: "Callable[[], tuple[Patch, PortPlan]] | None" = None,
+    load: "Callable[[], tuple[Patch, PortPlan]] | None" = None, block_bytes: int = PORT_BLOCK_BYTES,
 ) -> tuple[Patch, PortPlan]:
-    """Write every shard: untargeted ranges copied by the workers, merged tensors written here at
-    their own offsets (disjoint ranges of the same file, so the two never overlap).
+    """Write every shard: the source cloned (reflink) or its untargeted ranges copied by the
+    kernel in worker threads, and the merged tensors written here at their own offsets (disjoint
+    ranges of the same file, so the two never overlap); then every shard fsynced, side by side.
 
     With ``load``, ``patch`` is only an outline (names and shapes): the copies start first and
     the factors are read while they run. Returns the patch and plan the merges used.
     """
     ckpt = plan.ckpt
-    copier = _ShardCopier(tick)
-    fds: list[int] = []
+    copier = ShardCopier(COPY_WORKERS, tick)
+    fds: list[tuple[int, int]] = []
     try:
         for f in ckpt.files:
             header = ckpt.headers[f]
             infos = [header.tensors[key] for key in plan.key_map.values() if ckpt.locations[key][0] == f]
-            fd = os.open(tmp / f.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            fds.append(fd)
-            os.ftruncate(fd, header.file_size)
-            copier.submit(f, fd, _untargeted_spans(header.file_size, infos))
+            src = os.open(f, os.O_RDONLY)
+            try:
+                dst = os.open(tmp / f.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            except BaseException:
+                os.close(src)
+                raise
+            fds.append((src, dst))
+            spans = untargeted_spans(header.file_size, [(i.begin, i.end) for i in infos])
+            if clone_file(src, dst):  # the whole shard shared, copy-on-write: only merges write
+                tick(sum(end - begin for begin, end in spans))
+            else:
+                os.ftruncate(dst, header.file_size)
+                copier.submit(src, dst, spans)
         if load is not None:
             outline_map = plan.key_map
             patch, plan = load()
             if plan.key_map != outline_map:  # the factors must target what the copies left out
                 raise IntegrityError(f"{patch.path}: the patch changed while it was being read")
-        by_file = _targets_by_file(plan, patch)
-        jobs = [(f, fd, key, module) for f, fd in zip(ckpt.files, fds) for key, module in by_file.get(f, [])]
+        targets = _targets(plan, patch, scale)
+        jobs = [(src, dst, t) for f, (src, dst) in zip(ckpt.files, fds) for t in targets.get(f, [])]
         with _torch_threads():
-            _run_merges(ckpt, jobs, scale, tick)
-        copier.finish(fds)
-    except BaseException:
-        copier.abort()
-        raise
+            _run_merges(jobs, tick, block_bytes)
+        copier.wait()
+        copier.fsync([dst for _, dst in fds])
     finally:
-        for fd in fds:
-            os.close(fd)
+        copier.close()
+        for src, dst in fds:
+            os.close(src)
+            os.close(dst)
     return patch, plan
 
 
-def _run_merges(ckpt: Checkpoint, jobs: list, scale: float, tick: Callable[[int], None]) -> None:
+def _run_merges(jobs: list[tuple[int, int, _Target]], tick: Callable[[int], None], block_bytes: int) -> None:
     """Merge and write the targeted tensors, MERGE_WORKERS at a time (torch releases the GIL), each
-    worker with its own float32 buffers: peak memory is MERGE_WORKERS tensors in float32."""
+    worker with its own bounded buffers (one block), reading each tensor's factors as it starts."""
     from concurrent.futures import ThreadPoolExecutor
 
     local = threading.local()
 
-    def merge_one(job: tuple) -> None:
-        f, fd, key, module = job
+    def merge_one(job: tuple[int, int, _Target]) -> None:
+        src, dst, target = job
         if not hasattr(local, "ws"):
-            local.ws = Workspace()
-        info = ckpt.headers[f].tensors[key]
-        merged = merge_weight(read_tensor(f, info), module, scale, local.ws)
-        _pwrite_all(fd, tensor_bytes(merged), info.begin)
-        tick(info.nbytes)
+            local.ws, local.bufs = Workspace(), Buffers()
+        merge_shard_tensor(src, dst, target.info, target.edits(), block_bytes=block_bytes, ws=local.ws,
+                           bufs=local.bufs, tick=tick)
 
     pool = ThreadPoolExecutor(max_workers=MERGE_WORKERS, thread_name_prefix="portllm-merge")
     try:
@@ -379,29 +388,70 @@ def _run_merges(ckpt: Checkpoint, jobs: list, scale: float, tick: Callable[[int]
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _verify_safetensors_shard(
-    src: Path, dst: Path, targets: list[tuple[TensorInfo, LoraModule]], scale: float
-) -> None:
-    """Every untargeted byte equals the source; every targeted tensor equals the recomputed merge."""
+def _verify_safetensors_shard(src: Path, dst: Path, targets: list[_Target], block_bytes: int = PORT_BLOCK_BYTES) -> None:
+    """Every untargeted byte equals the source; every targeted tensor equals the merge recomputed
+    from the source, block by block (memory: a few blocks, whatever the shard's size)."""
     if dst.stat().st_size != src.stat().st_size:
         raise IntegrityError(f"{dst.name}: size {dst.stat().st_size} differs from the target's {src.stat().st_size}")
     size = src.stat().st_size
-    with open(src, "rb", buffering=0) as fs, open(dst, "rb", buffering=0) as fd:
+    bufs, ws = Buffers(), Workspace()
+    sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDONLY)
+    try:
         cursor = 0
-        for info, module in sorted(targets, key=lambda t: t[0].begin) + [(None, None)]:
-            end = info.begin if info is not None else size
-            bad = _same_bytes(fs.fileno(), fd.fileno(), cursor, end)
+        for t in sorted(targets, key=lambda t: t.info.begin) + [None]:
+            end = t.info.begin if t is not None else size
+            bad = first_difference(sfd, dfd, cursor, end, bufs)
             if bad is not None:
                 raise IntegrityError(f"{dst.name}: byte {bad} differs from the target, outside any patched tensor")
-            if info is None:
+            if t is None:
                 break
-            expected = tensor_bytes(merge_weight(read_tensor(src, info), module, scale))
-            got = os.pread(fd.fileno(), info.nbytes, info.begin)
-            if got != expected.tobytes():
-                raise IntegrityError(
-                    f"{dst.name}: tensor {info.name} does not equal base + scale*B@A after writing"
-                )
+            info = t.info
+            _, row_bytes, _ = _row_layout(info)
+
+            def check(r0: int, merged: "torch.Tensor", info: TensorInfo = info, row_bytes: int = row_bytes) -> None:
+                want = tensor_bytes(merged)
+                n = len(want)
+                got = bufs.get("got", n)
+                pread_into(dfd, memoryview(got)[:n], info.begin + r0 * row_bytes)
+                if (got if n == len(got) else got[:n]) != want:
+                    raise IntegrityError(
+                        f"{dst.name}: tensor {info.name} does not equal base + scale*B@A after writing"
+                    )
+
+            if info.nbytes:
+                n_rows, _, _ = _row_layout(info)
+                merge_stream(n_rows, _rows_reader(sfd, info, bufs), check, t.edits(),
+                             block_rows(info.shape or (1,), block_bytes), ws)
             cursor = info.end
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+def _verify_shards(plan: PortPlan, patch: Patch, tmp: Path, scale: float, progress: ProgressFn,
+                   block_bytes: int = PORT_BLOCK_BYTES) -> None:
+    """--verify for safetensors targets: every shard reread and checked, MERGE_WORKERS side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ckpt = plan.ckpt
+    targets = _targets(plan, patch, scale)
+    done = 0
+    lock = threading.Lock()
+
+    def one(f: Path) -> None:
+        nonlocal done
+        _verify_safetensors_shard(f, tmp / f.name, targets.get(f, []), block_bytes)
+        with lock:
+            done += 1
+            progress("verify", done, len(ckpt.files))
+
+    with _torch_threads():
+        pool = ThreadPoolExecutor(max_workers=MERGE_WORKERS, thread_name_prefix="portllm-verify")
+        try:
+            for fut in [pool.submit(one, f) for f in ckpt.files]:
+                fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _port_pickle(
@@ -411,7 +461,7 @@ def _port_pickle(
     import torch
 
     ckpt = plan.ckpt
-    by_key = {key: patch.modules[m] for m, key in plan.key_map.items()}
+    by_key = {key: materialize(patch.modules[m]) for m, key in plan.key_map.items()}
     files = list(ckpt.iter_file_order())
     n = len(files)
     weight_map: dict[str, str] = {}
@@ -460,16 +510,34 @@ def port_merged(
     progress: ProgressFn | None = None,
     patch_source: Resolved | None = None,
     verify_patch: bool = True,
+    block_bytes: int = PORT_BLOCK_BYTES,
 ) -> PortResult:
     """Write TARGET with PATCH merged into OUT; see the module docstring for how.
 
     PATCH is a Patch already read, or a patch directory. Given a directory, the patch's module
     names and shapes are first taken from its config and safetensors header (no torch, no
     factors) and checked against the target; when they fit, the kernel starts copying while
-    the factors are read and verified (sha256 unless ``verify_patch`` is false, NaN/Inf), which
-    hides the cost of importing torch. Anything unusual in the outline falls back to reading the
-    whole patch first, so errors and their order are those of ``read_patch`` then the check.
+    the patch file is scanned and verified (sha256 unless ``verify_patch`` is false, NaN/Inf),
+    which hides the cost of importing torch. Anything unusual in the outline falls back to
+    reading the patch first, so errors and their order are those of ``read_patch`` then the
+    check. A patch directory is read lazily (``read_patch(lazy=True)``): each module's factors are
+    read when its tensor is merged. ``block_bytes`` is the float32 size of one merge block.
     """
+    opened: list[Patch] = []  # lazily read patches keep their file open until the port ends
+    try:
+        return _port_merged(patch, target, out, scale=scale, overwrite=overwrite, verify=verify,
+                            allow_pickle=allow_pickle, progress=progress, patch_source=patch_source,
+                            verify_patch=verify_patch, block_bytes=block_bytes, opened=opened)
+    finally:
+        for p in opened:
+            p.close()
+
+
+def _port_merged(
+    patch: "Patch | str | os.PathLike[str]", target: Resolved, out: Path, *, scale: float, overwrite: bool,
+    verify: bool, allow_pickle: bool, progress: ProgressFn | None, patch_source: Resolved | None,
+    verify_patch: bool, block_bytes: int, opened: list[Patch],
+) -> PortResult:
     t0 = time.monotonic()
     scale = check_scale(scale)
     progress = progress or no_progress
@@ -484,13 +552,15 @@ def port_merged(
             except PortllmError:
                 plan = None  # let the full reader report first, as it would without the outline
         if plan is None or plan.ckpt.is_pickle:
-            patch = read_patch(path, verify=verify_patch)
+            patch = read_patch(path, verify=verify_patch, lazy=True)
+            opened.append(patch)
             plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True)
         else:
             patch = outline
 
             def load() -> tuple[Patch, PortPlan]:
-                full = read_patch(path, verify=verify_patch)
+                full = read_patch(path, verify=verify_patch, lazy=True)
+                opened.append(full)
                 return full, plan_port(full, target, allow_pickle=allow_pickle, merging=True)
     else:
         plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True)
@@ -512,7 +582,7 @@ def port_merged(
         if ckpt.is_pickle:
             shard_names, written = _port_pickle(plan, patch, tmp, scale, verify, tick)
         else:
-            patch, plan = _port_safetensors_shards(plan, patch, tmp, scale, tick, load)
+            patch, plan = _port_safetensors_shards(plan, patch, tmp, scale, tick, load, block_bytes)
             shard_names = [f.name for f in ckpt.files]
             written = sum(f.stat().st_size for f in ckpt.files)
             if ckpt.index_file is not None:
@@ -544,12 +614,7 @@ def port_merged(
         (tmp / PORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         written += (tmp / PORT_RECORD).stat().st_size
         if verify and not ckpt.is_pickle:
-            by_file = _targets_by_file(plan, patch)
-            for f in ckpt.files:
-                header = ckpt.headers[f]
-                targets = [(header.tensors[k], m) for k, m in by_file.get(f, [])]
-                _verify_safetensors_shard(f, tmp / f.name, targets, scale)
-                progress("verify", ckpt.files.index(f) + 1, len(ckpt.files))
+            _verify_shards(plan, patch, tmp, scale, progress, block_bytes)
     return PortResult(
         out=out,
         mode="merged",
