@@ -387,8 +387,15 @@ def bench_shape(args, tag: str, s: dict, methods: list[str], adapters: list[str]
         elif m == "peft":
             if peft_ok:
                 rows += [(m, a) for a in adapters]
+        elif m == "diff":
+            continue  # right after portllm's row of the same adapter, whose output it reads
         else:
-            rows += [(m, a) for a in adapters]
+            for a in adapters:
+                rows.append((m, a))
+                if m == "portllm" and "diff" in methods:
+                    rows.append(("diff", a))
+    if "diff" in methods and "portllm" not in methods:
+        raise SystemExit("diff compares the model with portllm's output: add portllm to --methods")
     results: dict[str, list[dict]] = {}
     for r in range(args.rounds):
         for m, a in rows:
@@ -403,10 +410,7 @@ def bench_shape(args, tag: str, s: dict, methods: list[str], adapters: list[str]
             elif m == "portllm --verify":
                 cmds = [portllm_cmd("port", "--patch", str(patches[a]), "--to", str(model), "--out", str(target),
                                     "--quiet", "--verify")]
-            elif m == "diff":
-                if not port_out.exists():  # diff compares the model with portllm's output of this round
-                    run_one([portllm_cmd("port", "--patch", str(patches[a]), "--to", str(model), "--out",
-                                         str(port_out), "--quiet")])
+            elif m == "diff":  # the model against portllm's output of this round (then removed)
                 cmds = [portllm_cmd("diff", str(model), str(port_out), "--json")]
             elif m == "peft":
                 cmds = [python_cmd(f"sys.path.insert(0, {str(REPO / 'benchmarks')!r})\nimport port_bench\n"

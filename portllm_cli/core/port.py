@@ -1,16 +1,20 @@
 """Carry a patch onto an evolved model: merged weights (W + scale*B@A) or a retargeted adapter.
 
-Merged output keeps the target's layout byte for byte. Every byte range of a safetensors shard
-that holds no targeted tensor is copied in the kernel (``copy_file_range``: no user-space
-memory) by worker threads, while merge workers read each targeted tensor from the *source*,
-merge it in float32 and write it at its original offset. The header does not change (same
-names, dtypes, shapes, offsets), so the shard layout, the index, the metadata and every
-untargeted byte are identical to the target's. Peak memory is the interpreter plus the patch
-plus two targeted tensors in float32 (one per merge worker), whatever the model's size. Given a
-patch directory, the copies start as soon as the patch's names and shapes (from its header) are
-known to fit, so importing torch and reading and verifying the factors overlap them.
+Merged output keeps the target's layout byte for byte: the header does not change (same names,
+dtypes, shapes, offsets), so the shard layout, the index, the metadata and every untargeted byte are
+identical to the target's. Each output shard is first the source shard: cloned where the filesystem
+shares extents (a reflink, no bytes copied), else its untargeted byte ranges copied by the kernel
+(``copy_file_range``, no user-space memory) in worker threads (``portllm_cli.io.shards``). Merge
+workers meanwhile stream each targeted tensor in row blocks: pread a block of rows from the
+*source*, merge it in float32 (``portllm_cli.core.merge``), pwrite it at its own offset. The
+patch is read lazily: its file is scanned once (sha256 checked, one digest per tensor kept), and
+each module's factors are read when its tensor is merged, refused unless they hash as scanned.
 
-The merge itself (float32 sum, one rounding, row blocks) is ``portllm_cli.core.merge``.
+Peak memory is the interpreter with torch plus a few blocks per merge worker (PORT_BLOCK_BYTES of
+float32 each) plus the factors of the tensors being merged, whatever the size of the model, of its
+shards, of its largest tensor or of the patch. Given a patch directory, the copies start as soon as
+the patch's names and shapes (from its header) are known to fit, so importing torch and reading and
+verifying the factors overlap them.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ MERGEABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 # Kernel copies of different shards run side by side: memory bandwidth allows more than one
 # stream, and each releases the GIL. Measured on 2 cores: 2 workers ~20% faster than 1.
 COPY_WORKERS = max(1, min(4, os.cpu_count() or 1))
-# Merges of different tensors run side by side too; each holds one tensor in float32.
+# Merges of different tensors run side by side too; each holds a few row blocks.
 MERGE_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
@@ -105,8 +109,8 @@ class PortResult:
         }
 
 
-# -- the merge itself lives in core/merge.py; ``merge_weight`` is re-exported here as the
-# per-tensor hook tests/slow_port.py wraps.
+# -- the merge itself lives in core/merge.py; ``merge_shard_tensor`` below is the per-tensor step
+# of a port (the hook tests/slow_port.py wraps); ``merge_weight`` (in memory) serves pickle targets.
 def check_scale(scale: float) -> float:
     """--scale multiplies the patch's own alpha/r: finite and non-zero; negative subtracts it."""
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
@@ -262,12 +266,18 @@ class _Target:
 
 
 def _targets(plan: PortPlan, patch: Patch, scale: float) -> dict[Path, list[_Target]]:
-    """Per shard, in file order, every targeted tensor with its list of edits."""
+    """Per shard, in file order, every targeted tensor with its list of edits (one LoraEdit per
+    patch module that maps to it), built when the tensor's merge starts."""
+    modules: dict[str, list[str]] = {}
+    for module, key in sorted(plan.key_map.items()):
+        modules.setdefault(key, []).append(module)
     by_file: dict[Path, list[_Target]] = {}
-    for module, key in plan.key_map.items():
+    for key, names in modules.items():
         f, info = plan.ckpt.locations[key]
-        m = patch.modules[module]
-        by_file.setdefault(f, []).append(_Target(info, lambda m=m: [LoraEdit(materialize(m), scale)]))
+        found = [patch.modules[n] for n in names]
+        by_file.setdefault(f, []).append(
+            _Target(info, lambda found=found: [LoraEdit(materialize(m), scale) for m in found])
+        )
     for targets in by_file.values():
         targets.sort(key=lambda t: t.info.begin)
     return by_file
