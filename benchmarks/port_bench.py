@@ -472,7 +472,9 @@ def sweep(args, specs: list[str]) -> list[dict]:
         res = run_one([portllm_cmd("port", "--patch", str(patches["all-linear"]), "--to", str(model), "--out", str(out),
                                    "--quiet")])
         shutil.rmtree(out, ignore_errors=True)
-        row = {"shape": tag, "model_bytes": size, "largest_tensor_bytes": largest, "peak_mb": res["peak_mb"],
+        patch_bytes = (patches["all-linear"] / "adapter_model.safetensors").stat().st_size
+        row = {"shape": tag, "model_bytes": size, "largest_tensor_bytes": largest, "patch_bytes": patch_bytes,
+               "peak_mb": res["peak_mb"],
                "above_import_torch_mb": res["peak_mb"] - floor, "durable": res["durable"]}
         rows.append(row)
         print(f"  sweep {tag:18s} {size / 1e9:6.2f} GB  peak {res['peak_mb']:6.0f} MB "
@@ -536,11 +538,13 @@ def main() -> None:
     if swept:
         print(f"\n### peak RSS against model size (portllm port, all-linear r={args.rank}); "
               f"`import torch` alone: {swept[0]['import_torch_peak_mb']:.0f} MB\n")
-        print("| shape | model (GB) | largest tensor (MB) | peak RSS (MB) | above import torch (MB) | durable (s) |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| shape | model (GB) | largest tensor (MB) | patch (MB) | peak RSS (MB) | above import torch (MB) "
+              "| durable (s) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for r in swept[1:]:
             print(f"| {r['shape']} | {r['model_bytes'] / 1e9:.2f} | {r['largest_tensor_bytes'] / 2**20:.0f} | "
-                  f"{r['peak_mb']:.0f} | {r['above_import_torch_mb']:.0f} | {r['durable']:.2f} |")
+                  f"{r['patch_bytes'] / 1e6:.0f} | {r['peak_mb']:.0f} | {r['above_import_torch_mb']:.0f} | "
+                  f"{r['durable']:.2f} |")
     if args.json:
         print(json.dumps({"machine": header, "shapes": shapes, "sweep": swept}, indent=2))
 

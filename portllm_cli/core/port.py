@@ -152,7 +152,11 @@ def plan_port(patch: Patch, target: Resolved, *, allow_pickle: bool = False, mer
 
 def _patch_sha256(patch: Patch) -> str:
     tensors = (patch.manifest or {}).get("tensors") or {}
-    return tensors.get("sha256") or sha256_file(patch.path / ADAPTER_WEIGHTS)
+    if tensors.get("sha256"):
+        return tensors["sha256"]
+    if patch.source is not None:  # read lazily: the digest of the bytes that were used
+        return patch.source.sha256
+    return sha256_file(patch.path / ADAPTER_WEIGHTS)
 
 
 def _lora_summary(patch: Patch) -> dict[str, Any]:
