@@ -376,3 +376,42 @@ def test_verify_streams_and_still_catches_a_bad_row(models, tmp_path, monkeypatc
     with pytest.raises(IntegrityError, match="does not equal base"):
         core.port_merged(patch, resolve(str(model), kind="model"), out, block_bytes=9 * 32 * 4, verify=True)
     assert state["n"] >= 3 and not out.exists()
+
+
+def _corrupt(kind: str, patch: Path) -> None:
+    w = patch / "adapter_model.safetensors"
+    raw = bytearray(w.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    if kind == "tampered byte":
+        raw[-1] ^= 0x01
+    elif kind == "truncated":
+        raw = raw[: len(raw) - 7]
+    elif kind == "bad header":
+        raw[8 + n // 2] = ord("}")
+    elif kind == "header lies (manifest updated)":
+        raw = raw[: len(raw) - 8]
+    elif kind == "nan factor (manifest updated)":
+        info = min(read_header(w).tensors.values(), key=lambda i: i.begin)
+        raw[info.begin:info.begin + 4] = bytes.fromhex("0000c07f")  # a float32 NaN
+    w.write_bytes(bytes(raw))
+    if "manifest updated" in kind:  # the attacker also rewrote the manifest: the other checks must hold
+        import hashlib
+        import json
+
+        man = json.loads((patch / "portllm.json").read_text())
+        man["tensors"]["sha256"] = hashlib.sha256(bytes(raw)).hexdigest()
+        (patch / "portllm.json").write_text(json.dumps(man))
+
+
+@pytest.mark.parametrize("kind", ["tampered byte", "truncated", "bad header", "header lies (manifest updated)",
+                                  "nan factor (manifest updated)"])
+def test_lazy_and_whole_reads_refuse_alike(models, tmp_path, kind):
+    """read_patch(lazy=True) gives the same error, class and message, as reading the patch whole."""
+    patch = make_patch(tmp_path / "p", models["float32"], "linear")
+    _corrupt(kind, patch)
+    with pytest.raises(Exception) as whole:
+        read_patch(patch)
+    with pytest.raises(Exception) as lazy:
+        read_patch(patch, lazy=True)
+    assert type(lazy.value) is type(whole.value) and str(lazy.value) == str(whole.value), kind
+    assert getattr(lazy.value, "exit_code", None) in (1, 4)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from portllm_cli.errors import IntegrityError, InvalidInputError, NotFoundError
+from portllm_cli.errors import IntegrityError, InvalidInputError, NotFoundError, PortllmError
 from portllm_cli.io import strict_json
 
 if TYPE_CHECKING:  # torch is imported lazily so that --help stays instant
@@ -420,13 +420,21 @@ class ScannedFile:
                 size = _regular_size(path, os.fstat(fh.fileno()))
                 whole = hashlib.sha256()
                 prefix = _read_exact(fh, 8)
-                n = _header_length(path, prefix, size)
-                raw = _read_exact(fh, n)
-                if len(raw) != n:
-                    raise InvalidInputError(f"{path}: corrupt safetensors header (file shrank while reading)")
                 whole.update(prefix)
-                whole.update(raw)
-                header = _parse_header(path, raw, size)  # offsets checked against the file's size
+                try:
+                    n = _header_length(path, prefix, size)
+                    raw = _read_exact(fh, n)
+                    whole.update(raw)
+                    if len(raw) != n:
+                        raise InvalidInputError(f"{path}: corrupt safetensors header (file shrank while reading)")
+                    header = _parse_header(path, raw, size)  # offsets checked against the file's size
+                except PortllmError as exc:
+                    # the whole file's digest still comes with the error, so that a caller holding
+                    # a manifest reports a tampered file as such (as it does reading it whole)
+                    while block := fh.read(chunk):
+                        whole.update(block)
+                    exc.sha256 = whole.hexdigest()  # type: ignore[attr-defined]
+                    raise
                 digests: dict[str, bytes] = {}
                 buf = bytearray(chunk)
                 view = memoryview(buf)

@@ -27,6 +27,7 @@ from portllm_cli.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
+    PortllmError,
     UnsafeInputError,
     UnsupportedError,
 )
@@ -496,20 +497,28 @@ def _read_patch(path: Path, *, verify: bool, lazy: bool = False) -> Patch:
     manifest = read_manifest(path)
     # one read: the digest checked below is that of the very bytes the tensors are parsed from
     # (lazily: of the bytes each tensor must hash to again when it is read)
-    source = ScannedFile.scan(weights) if lazy else None
+    def check(digest: str) -> None:
+        if manifest and verify and digest != manifest["tensors"]["sha256"]:
+            raise IntegrityError(
+                f"{weights}: sha256 {digest[:12]}… does not match the manifest's {manifest['tensors']['sha256'][:12]}…",
+                hint="the patch was modified or corrupted; pass --no-verify only if you know why",
+            )
+
+    source = None
+    if lazy:
+        try:
+            source = ScannedFile.scan(weights)
+        except PortllmError as exc:  # a bad header: a tampered file is still reported as one
+            if getattr(exc, "sha256", None):
+                check(exc.sha256)  # type: ignore[attr-defined]
+            raise
     try:
         if source is not None:
             digest = source.sha256
         else:
             digest, data = read_snapshot(weights)
-        if manifest:
-            if verify:
-                if digest != manifest["tensors"]["sha256"]:
-                    raise IntegrityError(
-                        f"{weights}: sha256 {digest[:12]}… does not match the manifest's {manifest['tensors']['sha256'][:12]}…",
-                        hint="the patch was modified or corrupted; pass --no-verify only if you know why",
-                    )
-        else:
+        check(digest)
+        if not manifest:
             warnings.append(f"{path}: no {MANIFEST}; a plain PEFT adapter (not integrity-checked)")
         if source is not None:
             tensors = {name: FactorRef(source, info) for name, info in source.header.tensors.items()}
@@ -520,7 +529,7 @@ def _read_patch(path: Path, *, verify: bool, lazy: bool = False) -> Patch:
         if source is not None:
             source.close()
         raise
-    return Patch(path, cfg, manifest, modules, warnings, source)
+    return Patch(path, cfg, manifest, modules, warnings, source=source)
 
 
 # -- writing --------------------------------------------------------------------------------
