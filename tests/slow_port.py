@@ -6,7 +6,7 @@ Used by tests/test_kill.py to kill the real port command at known points: after 
 patched weight is merged it prints ``@@merge N`` on stderr and sleeps
 PORTLLM_TEST_MERGE_DELAY seconds (default 0.25) while the shard copies carry on. Everything else
 (argument parsing, the SIGTERM handler, error mapping, exit codes) is portllm_cli.cli.app.main
-unchanged. The hook is ``portllm_cli.core.port.merge_tensor``, the per-tensor merge port calls.
+unchanged. The hook is ``portllm_cli.core.port.merge_shard_tensor``, the per-tensor step of a port.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def main() -> None:
     from portllm_cli.cli import app
     from portllm_cli.core import port as core
 
-    real = core.merge_tensor
+    real = core.merge_shard_tensor
     delay = float(os.environ.get("PORTLLM_TEST_MERGE_DELAY", "0.25"))
     count = 0
 
@@ -33,7 +33,7 @@ def main() -> None:
         time.sleep(delay)
         return out
 
-    core.merge_tensor = announced
+    core.merge_shard_tensor = announced
     sys.argv[0] = "portllm"
     app.main()
 

@@ -1,8 +1,10 @@
-"""The benchmark scripts' own logic: gpu_kit's packing and staging, paper_table's markdown."""
+"""The benchmark scripts' own logic: gpu_kit's packing and staging, paper_table's markdown,
+port_bench's model shapes and inputs."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -289,3 +291,45 @@ def test_drift_markdown_with_numbers():
     assert pred["n"] == 4 and pred["rho"] == pytest.approx(-1.0)
     assert doc["analysis"]["goal"]["calibrated_share_mean_over_evolutions"] == pytest.approx(
         ((0.29 / 0.3 + 0.28 / 0.3) / 2 + (0.25 / 0.3 + 0.26 / 0.3) / 2) / 2)
+
+
+# -- port_bench: the shapes are the real models' and the built inputs are what portllm expects ---
+import port_bench  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", ["llama-3.1-8b", "llama-3.1-70b"])
+def test_port_bench_shapes_are_the_real_models(shape):
+    """Every tensor name and shape the benchmark writes is what transformers builds from the config
+    (on the meta device: no memory), and the 8B's total is the real checkpoint's 16.06 GB."""
+    import torch
+    import transformers as tf
+
+    full = dict(port_bench.SHAPES[shape])
+    if shape == "llama-3.1-8b":
+        assert sum(2 * math.prod(x) for _, x in port_bench.tensor_specs(full)) == 16_060_522_496
+    s = dict(full, layers=2)  # every layer has the same shapes
+    cfg = tf.LlamaConfig(**{k: v for k, v in port_bench.llama_config(s).items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(cfg)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert dict(port_bench.tensor_specs(s)) == want
+
+
+def test_port_bench_builds_a_model_and_patches_that_port(tmp_path):
+    from portllm_cli.core.port import plan_port
+    from portllm_cli.io.checkpoint import Checkpoint
+    from portllm_cli.patch.format import read_patch
+    from portllm_cli.resolve import resolve
+
+    s = dict(hidden=64, inter=96, layers=3, heads=4, kv_heads=2, vocab=100, shard_mb=0.05, llama3=True)
+    model = tmp_path / "model"
+    port_bench.build_model(model, s)
+    ck = Checkpoint.open(model)
+    assert len(ck.files) > 1 and {k: tuple(ck.shape(k)) for k in ck.names()} == dict(port_bench.tensor_specs(s))
+    w = ck.tensor("model.layers.0.self_attn.k_proj.weight")
+    assert w.dtype.is_floating_point and 0.005 < float(w.float().std()) < 0.05
+    for kind, n in (("qv", 2), ("all-linear", 7)):
+        p = tmp_path / kind
+        port_bench.build_patch(p, model, s, port_bench.ADAPTERS[kind], rank=4)
+        plan = plan_port(read_patch(p), resolve(str(model), kind="model"))
+        assert len(plan.key_map) == n * s["layers"]

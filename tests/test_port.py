@@ -367,14 +367,14 @@ def test_verify_passes_and_detects_a_bad_write(llama, tmp_path, monkeypatch):
     doc = port_cli(llama["lora"], llama["target"], tmp_path / "ok", "--verify")
     assert doc["verified"] is True
 
-    real = core._pwrite_all
+    real = core.pwrite_all
 
     def flip_one_bit(fd, data, offset):
         b = bytearray(memoryview(data).cast("B"))
         b[0] ^= 1
         real(fd, memoryview(b), offset)
 
-    monkeypatch.setattr(core, "_pwrite_all", flip_one_bit)
+    monkeypatch.setattr(core, "pwrite_all", flip_one_bit)
     out = tmp_path / "bad"
     # without --verify the corruption would go unnoticed; with it the run fails and nothing is left
     res = run("port", "-p", llama["lora"], "--to", llama["target"], "-o", out, "--verify")

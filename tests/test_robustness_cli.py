@@ -150,7 +150,7 @@ def test_port_out_is_a_file(tmp_path, llama_dir, lora):
 
 
 def test_port_disk_full(tmp_path, llama_dir, lora, monkeypatch):
-    import portllm_cli.io.safetensors as st
+    import portllm_cli.io.shards as st
 
     real = st.copy_range
     calls = {"n": 0}

@@ -25,20 +25,26 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from portllm_cli.core.compat import CompatReport, check_compatibility, weight_key_for
 from portllm_cli.core.progress import ProgressFn
-from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError, UsageError
+from portllm_cli.errors import IntegrityError, InvalidInputError, NotFoundError, PortllmError, UsageError
 from portllm_cli.io.checkpoint import STRUCTURAL_FIELDS, Checkpoint, architecture_fingerprint
-from portllm_cli.io.safetensors import DTYPES, TensorInfo, read_tensor
+from portllm_cli.io.safetensors import DTYPES
 from portllm_cli.patch.format import Patch, read_patch
 from portllm_cli.spec import MODEL, PATCH, classify_dir
 
 if TYPE_CHECKING:
     import torch
 
+    from portllm_cli.io.shards import Buffers
     from portllm_cli.patch.format import LoraModule
 
-# Rows are read and reduced this many elements at a time (in float64: 32 MiB per operand), so
-# the peak memory of a diff does not grow with the size of the largest tensor.
+# Rows are read this many elements at a time (one pread per model into a reused buffer), so the
+# peak memory of a diff does not grow with the size of the largest tensor...
 CHUNK_ELEMENTS = 4 << 20
+# ...and reduced in float64 this many elements at a time: two 512 KiB operands that stay in the
+# CPU's cache through the five passes over them (6x faster than 32 MiB operands from memory).
+REDUCE_ELEMENTS = 1 << 16
+# Tensors are reduced side by side, each by one thread in a fixed order: the same sums every run.
+DIFF_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp", "embeddings", "lm_head", "norms", "other")
 
@@ -290,43 +296,56 @@ class ModelDiff:
         }
 
 
-def _read_rows(path: Path, info: TensorInfo, start: int, n: int) -> "torch.Tensor":
-    """Rows [start, start + n) of a stored tensor, flat, read with one pread."""
-    row_elems = info.numel // info.shape[0]
-    row_bytes = row_elems * DTYPES[info.dtype][0]
-    begin = info.begin + start * row_bytes
-    return read_tensor(path, TensorInfo(info.name, info.dtype, (n * row_elems,), begin, begin + n * row_bytes))
-
-
 def _chunk_pairs(
-    ckpt_a: Checkpoint, name_a: str, ckpt_b: Checkpoint, name_b: str, chunk_elements: int | None = None
+    ckpt_a: Checkpoint, name_a: str, ckpt_b: Checkpoint, name_b: str, chunk_elements: int | None = None,
+    bufs: "Buffers | None" = None,
 ) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-    """The same rows of two same-shape tensors, block by block, read straight from their files."""
+    """The same rows of two same-shape tensors, block by block, read straight from their files
+    into two reused buffers (each pair is used before the next is read)."""
+    import torch
+
+    from portllm_cli.io.safetensors import torch_dtype
+    from portllm_cli.io.shards import Buffers, pread_into
+
     chunk_elements = chunk_elements or CHUNK_ELEMENTS
     path_a, info_a = ckpt_a.locations[name_a]
     path_b, info_b = ckpt_b.locations[name_b]
-    if (
-        info_a is None  # pickle weights are already mapped whole
-        or info_b is None
-        or len(info_a.shape) == 0
-        or info_a.shape[0] == 0
-        or info_a.numel <= chunk_elements
-    ):
+    if info_a is None or info_b is None or info_a.numel == 0:  # pickle weights are already mapped whole
         yield ckpt_a.tensor(name_a).reshape(-1), ckpt_b.tensor(name_b).reshape(-1)
         return
-    rows = info_a.shape[0]
-    step = max(1, chunk_elements // (info_a.numel // rows))
-    for start in range(0, rows, step):
-        n = min(step, rows - start)
-        yield _read_rows(path_a, info_a, start, n), _read_rows(path_b, info_b, start, n)
+    bufs = bufs or Buffers()
+    rows = info_a.shape[0] if info_a.shape else 1
+    row = info_a.numel // rows
+    step = max(1, chunk_elements // row)
+    fa = fb = -1
+    try:
+        fa, fb = os.open(path_a, os.O_RDONLY), os.open(path_b, os.O_RDONLY)
+        for start in range(0, rows, step):
+            n = min(step, rows - start) * row
+            pair = []
+            for fd, info, slot in ((fa, info_a, "a"), (fb, info_b, "b")):
+                size = DTYPES[info.dtype][0]
+                buf = bufs.get(slot, n * size)
+                pread_into(fd, memoryview(buf)[: n * size], info.begin + start * row * size)
+                pair.append(torch.frombuffer(buf, dtype=torch_dtype(info.dtype), count=n))
+            yield pair[0], pair[1]
+    except IntegrityError:
+        raise IntegrityError(f"{path_a} or {path_b}: truncated while reading tensor {name_b!r}") from None
+    except OSError as exc:
+        where = exc.filename or f"{path_a} or {path_b}"
+        raise InvalidInputError(f"{where}: cannot read tensor {name_b!r} ({exc.strerror or exc.__class__.__name__})") from None
+    finally:
+        for fd in (fa, fb):
+            if fd >= 0:
+                os.close(fd)
 
 
 class _Reducer:
-    """The four float64 sums of a pair of row blocks, in two reused buffers.
+    """The four float64 sums of a pair of row blocks, in two reused cache-sized buffers.
 
     Everything is float64 (BLAS ddot): exact enough that a zero difference reads as exactly 0
-    and small drifts keep their digits. The buffers are allocated once per diff, not per block,
-    which also spares the page faults of fresh 32 MiB allocations.
+    and small drifts keep their digits. The blocks are reduced REDUCE_ELEMENTS at a time, so the
+    operands stay in cache; the buffers are allocated once per thread, not per block. One per thread.
     """
 
     def __init__(self) -> None:
@@ -336,20 +355,27 @@ class _Reducer:
     def sums(self, ca: "torch.Tensor", cb: "torch.Tensor") -> tuple[float, float, float, float]:
         import torch
 
-        n = ca.numel()
-        if self._a is None or self._a.numel() < n:
-            self._a = self._b = None  # free the old pair before allocating the larger one
-            self._a, self._b = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
-        a, b = self._a[:n], self._b[:n]
-        a.copy_(ca.reshape(-1))
-        b.copy_(cb.reshape(-1))
-        aa, bb, ab = float(torch.dot(a, a)), float(torch.dot(b, b)), float(torch.dot(a, b))
-        b.sub_(a)
-        return aa, bb, ab, float(torch.dot(b, b))
+        if self._a is None:
+            self._a, self._b = torch.empty(REDUCE_ELEMENTS, dtype=torch.float64), torch.empty(REDUCE_ELEMENTS, dtype=torch.float64)
+        ca, cb = ca.reshape(-1), cb.reshape(-1)
+        total = ca.numel()
+        aa = bb = ab = dd = 0.0
+        for s in range(0, total, REDUCE_ELEMENTS):
+            n = min(REDUCE_ELEMENTS, total - s)
+            a, b = self._a[:n], self._b[:n]
+            a.copy_(ca[s : s + n])
+            b.copy_(cb[s : s + n])
+            aa += float(torch.dot(a, a))
+            bb += float(torch.dot(b, b))
+            ab += float(torch.dot(a, b))
+            b.sub_(a)
+            dd += float(torch.dot(b, b))
+        return aa, bb, ab, dd
 
 
 def tensor_diff(
-    ckpt_a: Checkpoint, name_a: str, ckpt_b: Checkpoint, name_b: str | None = None, *, reducer: _Reducer | None = None
+    ckpt_a: Checkpoint, name_a: str, ckpt_b: Checkpoint, name_b: str | None = None, *, reducer: _Reducer | None = None,
+    bufs: "Buffers | None" = None,
 ) -> TensorDiff:
     """Reduce one pair of same-shape tensors to their four float64 sums, block by block.
 
@@ -358,7 +384,7 @@ def tensor_diff(
     name_b = name_b or name_a
     reducer = reducer or _Reducer()
     aa = bb = ab = dd = 0.0
-    for ca, cb in _chunk_pairs(ckpt_a, name_a, ckpt_b, name_b):
+    for ca, cb in _chunk_pairs(ckpt_a, name_a, ckpt_b, name_b, bufs=bufs):
         s_aa, s_bb, s_ab, s_dd = reducer.sums(ca, cb)
         aa, bb, ab, dd = aa + s_aa, bb + s_bb, ab + s_ab, dd + s_dd
     return TensorDiff(
@@ -369,6 +395,45 @@ def tensor_diff(
 def _tensor_bytes(ckpt: Checkpoint, name: str) -> int:
     info = ckpt.locations[name][1]
     return info.nbytes if info is not None else 0
+
+
+def _diff_pairs(
+    ckpt_a: Checkpoint, ckpt_b: Checkpoint, pairs: list[tuple[str, str]], total: int | None, progress: ProgressFn | None
+) -> list[TensorDiff]:
+    """tensor_diff of every pair, DIFF_WORKERS threads side by side (torch and pread release the
+    GIL), each with its own buffers; results in the order of ``pairs``."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from portllm_cli.io.shards import Buffers
+
+    local = threading.local()
+    lock = threading.Lock()
+    done = {"bytes": 0, "n": 0}
+
+    def one(pair: tuple[str, str]) -> TensorDiff:
+        if not hasattr(local, "reducer"):
+            local.reducer, local.bufs = _Reducer(), Buffers()
+        t = tensor_diff(ckpt_a, pair[0], ckpt_b, pair[1], reducer=local.reducer, bufs=local.bufs)
+        with lock:
+            done["bytes"] += _tensor_bytes(ckpt_a, pair[0])
+            done["n"] += 1
+            if progress is not None:
+                progress("diff", done["bytes"] if total else done["n"], total or len(pairs))
+        return t
+
+    if DIFF_WORKERS <= 1 or len(pairs) <= 1:
+        return [one(p) for p in pairs]
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per worker; the blocks are too small to split further
+    pool = ThreadPoolExecutor(max_workers=DIFF_WORKERS, thread_name_prefix="portllm-diff")
+    try:
+        return [f.result() for f in [pool.submit(one, p) for p in pairs]]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def architecture_differences(config_a: dict[str, Any], config_b: dict[str, Any]) -> dict[str, list[Any]]:
@@ -407,14 +472,7 @@ def diff_models(
         else:
             mismatches.append(ShapeMismatch(nb, sa, sb))
     total = sum(_tensor_bytes(ckpt_a, na) for na, _ in same) or None
-    done = 0
-    tensors = []
-    reducer = _Reducer()
-    for na, nb in same:
-        tensors.append(tensor_diff(ckpt_a, na, ckpt_b, nb, reducer=reducer))
-        done += _tensor_bytes(ckpt_a, na)
-        if progress is not None:
-            progress("diff", done if total else len(tensors), total or len(same))
+    tensors = _diff_pairs(ckpt_a, ckpt_b, same, total, progress)
     return ModelDiff(
         a or str(ckpt_a.root), b or str(ckpt_b.root), tensors, only_a, only_b, mismatches, arch
     )

@@ -22,6 +22,7 @@ the sum); see the README for why one rounding is the closer answer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
@@ -42,21 +43,51 @@ class Edit(Protocol):
         """Change ``block`` (float32 rows ``[r0, r1)`` of the stored tensor) in place."""
 
 
-class Workspace:
-    """Reusable float32 scratch buffers, by shape: a shard holds many same-shaped weights, and a
-    fresh multi-megabyte allocation per block costs a page fault per 4 KiB. One per thread."""
+# Bytes of shape-keyed scratch buffers a Workspace keeps between blocks; beyond it the least
+# recently used are dropped (a model has a handful of weight shapes, so this is rarely reached).
+WORKSPACE_BYTES = 64 << 20
 
-    def __init__(self) -> None:
-        self._bufs: dict[tuple, "torch.Tensor"] = {}
+
+class Workspace:
+    """Reusable scratch buffers: a shard holds many same-shaped weights, and a fresh multi-megabyte
+    allocation per block costs a page fault per 4 KiB. One per thread; bounded (WORKSPACE_BYTES
+    of shape-keyed buffers, plus one flat buffer per tag sized to the largest block)."""
+
+    def __init__(self, limit_bytes: int = WORKSPACE_BYTES) -> None:
+        from collections import OrderedDict
+
+        self._bufs: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self._flat: dict[tuple, "torch.Tensor"] = {}
+        self._bytes = 0
+        self._limit = limit_bytes
 
     def get(self, shape: tuple[int, ...], device: "torch.device | None" = None) -> "torch.Tensor":
+        """A float32 buffer of exactly this shape (the same one for the same shape, while kept)."""
         import torch
 
-        key = (shape, str(device))
-        buf = self._bufs.get(key)
+        key = (tuple(shape), str(device))
+        buf = self._bufs.pop(key, None)
         if buf is None:
-            buf = self._bufs[key] = torch.empty(shape, dtype=torch.float32, device=device)
+            need = 4 * math.prod(shape)
+            while self._bufs and self._bytes + need > self._limit:
+                _, old = self._bufs.popitem(last=False)
+                self._bytes -= 4 * old.numel()
+            buf = torch.empty(shape, dtype=torch.float32, device=device)
+            self._bytes += need
+        self._bufs[key] = buf  # most recently used last
         return buf
+
+    def flat(self, tag: str, numel: int, dtype: "torch.dtype", device: "torch.device | None" = None) -> "torch.Tensor":
+        """The first ``numel`` elements of this tag's buffer (grown, never shrunk): blocks of any
+        row count share it, so the last, shorter block of a tensor allocates nothing."""
+        import torch
+
+        key = (tag, dtype, str(device))
+        buf = self._flat.get(key)
+        if buf is None or buf.numel() < numel:
+            self._flat.pop(key, None)  # free the old one before allocating the larger one
+            buf = self._flat[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
 
 
 @dataclass(frozen=True)
@@ -242,16 +273,24 @@ def row_blocks(n_rows: int, rows_per_block: int) -> list[tuple[int, int]]:
 def merge_block(rows: "torch.Tensor", edits: Sequence[Edit], r0: int, ws: Workspace | None = None) -> "torch.Tensor":
     """Rows ``[r0, r0 + len(rows))`` of a stored tensor with every edit applied, in the stored dtype.
 
-    ``rows`` itself is never changed: the block is a float32 copy, edited, rounded once.
+    ``rows`` itself is never changed: the block is a float32 copy, edited, rounded once. Given a
+    workspace, the result lives in it (no allocation per block) and is valid until the next
+    merge_block with that workspace; without one it is a new tensor.
     """
     import torch
 
+    fresh = ws is None
     ws = ws or Workspace()
-    block = rows.to(torch.float32, copy=True)
+    block = ws.flat("block", rows.numel(), torch.float32, rows.device).view(rows.shape)
+    block.copy_(rows)
     r1 = r0 + int(rows.shape[0])
     for e in edits:
         e.apply(block, r0, r1, ws)
-    return block.to(rows.dtype)
+    if fresh:
+        return block.to(rows.dtype)
+    out = ws.flat("out", rows.numel(), rows.dtype, rows.device).view(rows.shape)
+    out.copy_(block)
+    return out
 
 
 def merge_stream(
@@ -263,7 +302,10 @@ def merge_stream(
     ws: Workspace | None = None,
 ) -> None:
     """Merge a tensor block by block: ``read_rows(r0, r1)`` gives stored rows, ``write_rows(r0, t)``
-    takes the merged ones. Peak memory is one block, whatever the tensor's size."""
+    takes the merged ones. Peak memory is one block, whatever the tensor's size.
+
+    Both sides may reuse their buffers: what ``read_rows`` returns is used before it is called
+    again, and ``t`` (a view of the workspace) must be consumed before ``write_rows`` returns."""
     ws = ws or Workspace()
     for e in edits:  # edits whose arithmetic needs a first pass over the tensor (DoRA on columns)
         prepare = getattr(e, "prepare", None)

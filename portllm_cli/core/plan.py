@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from portllm_cli.core.layout import Layout, Placement
 from portllm_cli.errors import IncompatibleError, NotFoundError, PortllmError, UnsupportedError, UsageError
 from portllm_cli.io.checkpoint import text_config
-from portllm_cli.patch.format import PEFT_PREFIX, LoraModule, Patch, peft_key
+from portllm_cli.patch.format import PEFT_PREFIX, FactorRef, LoraModule, Patch, peft_key
 
 if TYPE_CHECKING:
     import torch
@@ -580,11 +580,13 @@ def _sub_module(lc: Located, pl: Placement) -> LoraModule:
     """The LoRA factors that produce exactly the rows ``pl`` of the stored tensor."""
     m = lc.module
     A, B = m.A, m.B
+    full_rows = lc.weight_shape[0]
+    if lc.experts > 1 or pl.row0 != 0 or pl.rows != full_rows:  # slices need the values
+        A, B = _value(A), _value(B)
     if lc.experts > 1:
         E, r = lc.experts, lc.r
         A = A.reshape(E, r, A.shape[-1])[pl.expert]
         B = B.reshape(B.shape[0], r, E)[:, :, pl.expert]
-    full_rows = lc.weight_shape[0]
     if pl.row0 != 0 or pl.rows != full_rows:
         if lc.transposed:
             A = A[:, pl.row0 : pl.row0 + pl.rows]
@@ -621,8 +623,6 @@ def _old_reader(name: str, shape: tuple, policy: Policy, old: OldBase | None, wh
 
 
 def _changes_nothing(patch: Patch) -> bool:
-    import torch
-
     if patch.full or patch.tokens:
         return False
     for m in patch.modules.values():
@@ -630,9 +630,16 @@ def _changes_nothing(patch: Patch) -> bool:
             return False
         if m.bias is not None and bool(m.bias.any()):
             return False
-        if bool(torch.as_tensor(m.A).any()) and bool(torch.as_tensor(m.B).any()):
+        if bool(_value(m.A).any()) and bool(_value(m.B).any()):  # usually the first module says so
             return False
     return True
+
+
+def _value(t: Any) -> "torch.Tensor":
+    """A factor's values: a lazily read patch's FactorRef is read (and checked) here."""
+    import torch
+
+    return t.load() if isinstance(t, FactorRef) else torch.as_tensor(t)
 
 
 def open_old_base(patch: Patch, spec: Any = None, *, allow_pickle: bool = False) -> OldBase | None:

@@ -1,14 +1,20 @@
 """Carry a patch onto an evolved model: merged weights (W + scale*B@A) or a retargeted adapter.
 
-Merged output keeps the target's layout byte for byte. Every byte range of a safetensors shard
-that holds no targeted tensor is copied in the kernel (``copy_file_range``: no user-space
-memory) by worker threads, while merge workers read each targeted tensor from the *source*,
-merge it in float32 and write it at its original offset. The header does not change (same
-names, dtypes, shapes, offsets), so the shard layout, the index, the metadata and every
-untargeted byte are identical to the target's. Peak memory is the interpreter plus the patch
-plus two targeted tensors in float32 (one per merge worker), whatever the model's size. Given a
-patch directory, the copies start as soon as the patch's names and shapes (from its header) are
-known to fit, so importing torch and reading and verifying the factors overlap them.
+Merged output keeps the target's layout byte for byte: the header does not change (same names,
+dtypes, shapes, offsets), so the shard layout, the index, the metadata and every untargeted byte are
+identical to the target's. Each output shard is first the source shard: cloned where the filesystem
+shares extents (a reflink, no bytes copied), else its untargeted byte ranges copied by the kernel
+(``copy_file_range``, no user-space memory) in worker threads (``portllm_cli.io.shards``). Merge
+workers meanwhile stream each targeted tensor in row blocks: pread a block of rows from the
+*source*, merge it in float32 (``portllm_cli.core.merge``), pwrite it at its own offset. The
+patch is read lazily: its file is scanned once (sha256 checked, one digest per tensor kept), and
+each module's factors are read when its tensor is merged, refused unless they hash as scanned.
+
+Peak memory is the interpreter with torch plus a few blocks per merge worker (PORT_BLOCK_BYTES of
+float32 each) plus the factors of the tensors being merged, whatever the size of the model, of its
+shards, of its largest tensor or of the patch. Given a patch directory, the copies start as soon as
+the patch's names and shapes (from its header) are known to fit, so importing torch and reading and
+verifying the factors overlap them.
 
 What is merged into which stored tensor (every part of the adapter, located through the
 model's layout) is ``portllm_cli.core.plan``: ``PortPlan.edits`` maps each targeted key to its
@@ -29,23 +35,36 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from portllm_cli import __version__
 from portllm_cli.core.compat import CompatReport, check_compatibility
-from portllm_cli.core.merge import Workspace, merge_tensor
+from portllm_cli.core.merge import Edit, Workspace, block_rows, merge_stream, merge_tensor
 from portllm_cli.core.progress import ProgressFn, no_progress
 from portllm_cli.errors import IncompatibleError, IntegrityError, PortllmError, UnsupportedError, UsageError
 from portllm_cli.io.atomic import atomic_output_dir, copy_file
 from portllm_cli.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, Checkpoint
 from portllm_cli.io.safetensors import (
+    DTYPES,
     SafetensorsWriter,
     TensorInfo,
     read_header,
     read_tensor,
     tensor_bytes,
+    torch_dtype,
+)
+from portllm_cli.io.shards import (
+    Buffers,
+    ShardCopier,
+    clone_file,
+    first_difference,
+    pread_into,
+    pwrite_all,
+    untargeted_spans,
 )
 from portllm_cli.core.plan import OldBase, Policy, build_plan, prepare_patch, target_layout
 from portllm_cli.patch.format import (
     ADAPTER_WEIGHTS,
+    LoraModule,
     Patch,
     build_manifest,
+    materialize,
     now_iso,
     patch_tensors,
     read_outline,
@@ -60,12 +79,10 @@ if TYPE_CHECKING:
 
 PORT_RECORD = "portllm_port.json"
 MERGEABLE_DTYPES = ("F32", "F16", "BF16", "F64")
-COPY_STEP = 256 << 20  # bytes copied between two progress ticks
-COMPARE_STEP = 16 << 20
 # Kernel copies of different shards run side by side: memory bandwidth allows more than one
 # stream, and each releases the GIL. Measured on 2 cores: 2 workers ~20% faster than 1.
 COPY_WORKERS = max(1, min(4, os.cpu_count() or 1))
-# Merges of different tensors run side by side too; each holds one tensor in float32.
+# Merges of different tensors run side by side too; each holds a few row blocks.
 MERGE_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
@@ -177,7 +194,11 @@ def plan_port(
 
 def _patch_sha256(patch: Patch) -> str:
     tensors = (patch.manifest or {}).get("tensors") or {}
-    return tensors.get("sha256") or sha256_file(patch.path / ADAPTER_WEIGHTS)
+    if tensors.get("sha256"):
+        return tensors["sha256"]
+    if patch.source is not None:  # read lazily: the digest of the bytes that were used
+        return patch.source.sha256
+    return sha256_file(patch.path / ADAPTER_WEIGHTS)
 
 
 def _lora_summary(patch: Patch) -> dict[str, Any]:
@@ -198,167 +219,195 @@ def _patch_record_id(patch: Patch, res: Resolved | None) -> str:
     return res.record_id if res is not None else str(patch.path.resolve())
 
 
-# -- low-level byte moving -------------------------------------------------------------------
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise OSError(f"short write at offset {offset + done}")
-        done += n
-
-
-def _same_bytes(a_fd: int, b_fd: int, begin: int, end: int) -> int | None:
-    """First differing offset in [begin, end) of two files, or None when equal."""
-    pos = begin
-    while pos < end:
-        n = min(COMPARE_STEP, end - pos)
-        x, y = os.pread(a_fd, n, pos), os.pread(b_fd, n, pos)
-        if x != y:
-            if len(x) != len(y):
-                return pos + min(len(x), len(y))
-            return pos + next(i for i in range(len(x)) if x[i] != y[i])
-        pos += n
-    return None
-
-
-class _ShardCopier:
-    """Copies the untargeted byte ranges of each shard in worker threads while the caller
-    reads the patch and merges the targeted tensors (``copy_file_range`` runs in the kernel and
-    releases the GIL, so copying, importing torch and merging overlap)."""
-
-    def __init__(self, tick: Callable[[int], None]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=COPY_WORKERS, thread_name_prefix="portllm-copy")
-        self._cancel = threading.Event()
-        self._futures: list = []
-        self._tick = tick
-
-    def submit(self, src: Path, dst_fd: int, spans: list[tuple[int, int]]) -> None:
-        self._futures.append(self._pool.submit(self._run, src, dst_fd, spans))
-
-    def _run(self, src: Path, dst_fd: int, spans: list[tuple[int, int]]) -> None:
-        from portllm_cli.io.safetensors import copy_range
-
-        with open(src, "rb", buffering=0) as fs:
-            for begin, end in spans:
-                pos = begin
-                while pos < end:
-                    if self._cancel.is_set():
-                        return
-                    n = min(COPY_STEP, end - pos)
-                    copy_range(fs.fileno(), dst_fd, pos, n)
-                    pos += n
-                    self._tick(n)
-
-    def finish(self, fds: list[int]) -> None:
-        """Wait for every copy, then fsync every file (in parallel): on disk before the rename."""
-        try:
-            for f in self._futures:
-                f.result()
-            for f in [self._pool.submit(os.fsync, fd) for fd in fds]:
-                f.result()
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        self._cancel.set()
-        self._pool.shutdown(wait=True)
-
-
-def _untargeted_spans(size: int, infos: list[TensorInfo]) -> list[tuple[int, int]]:
-    spans, cursor = [], 0
-    for info in sorted(infos, key=lambda i: i.begin):
-        if info.begin > cursor:
-            spans.append((cursor, info.begin))
-        cursor = info.end
-    if cursor < size:
-        spans.append((cursor, size))
-    return spans
-
-
 class _torch_threads:
     """Share the cores between the merge workers (torch's thread count is per process); restore
-    the caller's setting after."""
+    the caller's setting after. The cyclic garbage collector pauses meanwhile: each block makes a
+    few short-lived tensor objects (no cycles), and a collection walks every object torch's import
+    created, a few percent of a port's CPU time for nothing."""
 
     def __enter__(self) -> None:
+        import gc
+
         import torch
 
         self._old = torch.get_num_threads()
         torch.set_num_threads(max(1, min(self._old, (os.cpu_count() or 1) // MERGE_WORKERS)))
+        self._gc = gc.isenabled()
+        gc.disable()
 
     def __exit__(self, *exc: object) -> None:
+        import gc
+
         import torch
 
         torch.set_num_threads(self._old)
+        if self._gc:
+            gc.enable()
 
 
 # -- merged output ----------------------------------------------------------------------------
-def _targets_by_file(plan: PortPlan) -> dict[Path, list[tuple[str, list]]]:
-    by_file: dict[Path, list[tuple[str, list]]] = {}
+# float32 bytes of one merge block in a port: small enough that the block, its delta and its stored
+# rows stay in the CPU's caches between the read, the arithmetic and the write, large enough that
+# each pread and pwrite moves a megabyte or more. The bits do not depend on it (core.merge).
+PORT_BLOCK_BYTES = 4 << 20
+
+
+@dataclass
+class _Target:
+    """One stored tensor to merge, and its edits (``core.plan``'s), whose factors a lazily read
+    patch reads when the tensor's turn comes, not before."""
+
+    info: TensorInfo
+    planned: list[Edit]
+
+    def edits(self) -> list[Edit]:
+        return _loaded(self.planned)
+
+
+def _loaded(edits: list[Edit]) -> list[Edit]:
+    """The edits with every factor a lazily read patch left on disk read now (and checked against
+    the digest it was scanned with)."""
+    out = []
+    for e in edits:
+        changes = {}
+        if dataclasses.is_dataclass(e):
+            for f in dataclasses.fields(e):
+                v = getattr(e, f.name)
+                if isinstance(v, LoraModule):
+                    mv = materialize(v)
+                    if mv is not v:
+                        changes[f.name] = mv
+        out.append(dataclasses.replace(e, **changes) if changes else e)
+    return out
+
+
+def _targets(plan: PortPlan) -> dict[Path, list[_Target]]:
+    """Per shard, in file order, every targeted tensor with its planned edits."""
+    by_file: dict[Path, list[_Target]] = {}
     for key, edits in plan.edits.items():
-        f, _ = plan.ckpt.locations[key]
-        by_file.setdefault(f, []).append((key, edits))
+        f, info = plan.ckpt.locations[key]
+        by_file.setdefault(f, []).append(_Target(info, edits))
+    for targets in by_file.values():
+        targets.sort(key=lambda t: t.info.begin)
     return by_file
+
+
+def _row_layout(info: TensorInfo) -> tuple[int, int, tuple[int, ...]]:
+    """(rows, bytes per row, shape of a row) of a stored tensor; rows run along dimension 0."""
+    shape = info.shape or (1,)
+    row_elems = math.prod(shape[1:])
+    return int(shape[0]), row_elems * DTYPES[info.dtype][0], tuple(shape[1:])
+
+
+def _rows_reader(fd: int, info: TensorInfo, bufs: Buffers, name: str = "rows") -> Callable[[int, int], "torch.Tensor"]:
+    """read_rows(r0, r1) for core.merge: a pread into a reused buffer, viewed as the stored dtype."""
+    import torch
+
+    dtype = torch_dtype(info.dtype)
+    _, row_bytes, row_shape = _row_layout(info)
+    elems = row_bytes // DTYPES[info.dtype][0]
+
+    def read_rows(r0: int, r1: int) -> "torch.Tensor":
+        n = (r1 - r0) * row_bytes
+        buf = bufs.get(name, n)
+        pread_into(fd, memoryview(buf)[:n], info.begin + r0 * row_bytes)
+        return torch.frombuffer(buf, dtype=dtype, count=(r1 - r0) * elems).view(r1 - r0, *row_shape)
+
+    return read_rows
+
+
+def merge_shard_tensor(
+    src_fd: int,
+    dst_fd: int,
+    info: TensorInfo,
+    edits: list[Edit],
+    *,
+    block_bytes: int = PORT_BLOCK_BYTES,
+    ws: Workspace | None = None,
+    bufs: Buffers | None = None,
+    tick: Callable[[int], None] | None = None,
+) -> None:
+    """Merge one stored tensor of a shard into the output shard, a row block at a time: pread the
+    rows from the source, apply the edits (core.merge.merge_stream), pwrite the merged rows at the
+    same offset of the output. Memory is one block, whatever the tensor's size. The per-tensor step
+    of a port (tests/slow_port.py wraps it)."""
+    if info.nbytes == 0:
+        return
+    ws, bufs = ws or Workspace(), bufs or Buffers()
+    n_rows, row_bytes, _ = _row_layout(info)
+
+    def write_rows(r0: int, t: "torch.Tensor") -> None:
+        data = tensor_bytes(t)
+        pwrite_all(dst_fd, data, info.begin + r0 * row_bytes)
+        if tick is not None:
+            tick(len(data))
+
+    merge_stream(n_rows, _rows_reader(src_fd, info, bufs), write_rows, edits, block_rows(info.shape or (1,), block_bytes), ws)
 
 
 def _port_safetensors_shards(
     plan: PortPlan, patch: Patch, tmp: Path, tick: Callable[[int], None],
-    load: "Callable[[], tuple[Patch, PortPlan]] | None" = None,
+    load: "Callable[[], tuple[Patch, PortPlan]] | None" = None, block_bytes: int = PORT_BLOCK_BYTES,
 ) -> tuple[Patch, PortPlan]:
-    """Write every shard: untargeted ranges copied by the workers, merged tensors written here at
-    their own offsets (disjoint ranges of the same file, so the two never overlap).
+    """Write every shard: the source cloned (reflink) or its untargeted ranges copied by the
+    kernel in worker threads, and the merged tensors written here at their own offsets (disjoint
+    ranges of the same file, so the two never overlap); then every shard fsynced, side by side.
 
     With ``load``, ``patch`` is only an outline (names and shapes): the copies start first and
     the factors are read while they run. Returns the patch and plan the merges used.
     """
     ckpt = plan.ckpt
-    copier = _ShardCopier(tick)
-    fds: list[int] = []
+    copier = ShardCopier(COPY_WORKERS, tick)
+    fds: list[tuple[int, int]] = []
     try:
         for f in ckpt.files:
             header = ckpt.headers[f]
             infos = [header.tensors[key] for key in plan.targets if ckpt.locations[key][0] == f]
-            fd = os.open(tmp / f.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            fds.append(fd)
-            os.ftruncate(fd, header.file_size)
-            copier.submit(f, fd, _untargeted_spans(header.file_size, infos))
+            src = os.open(f, os.O_RDONLY)
+            try:
+                dst = os.open(tmp / f.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            except BaseException:
+                os.close(src)
+                raise
+            fds.append((src, dst))
+            spans = untargeted_spans(header.file_size, [(i.begin, i.end) for i in infos])
+            if clone_file(src, dst):  # the whole shard shared, copy-on-write: only merges write
+                tick(sum(end - begin for begin, end in spans))
+            else:
+                os.ftruncate(dst, header.file_size)
+                copier.submit(src, dst, spans)
         if load is not None:
             outline_targets = plan.targets
             patch, plan = load()
             if plan.targets != outline_targets:  # the factors must target what the copies left out
                 raise IntegrityError(f"{patch.path}: the patch changed while it was being read")
-        by_file = _targets_by_file(plan)
-        jobs = [(f, fd, key, edits) for f, fd in zip(ckpt.files, fds) for key, edits in by_file.get(f, [])]
+        targets = _targets(plan)
+        jobs = [(src, dst, t) for f, (src, dst) in zip(ckpt.files, fds) for t in targets.get(f, [])]
         with _torch_threads():
-            _run_merges(ckpt, jobs, tick)
-        copier.finish(fds)
-    except BaseException:
-        copier.abort()
-        raise
+            _run_merges(jobs, tick, block_bytes)
+        copier.wait()
+        copier.fsync([dst for _, dst in fds])
     finally:
-        for fd in fds:
-            os.close(fd)
+        copier.close()
+        for src, dst in fds:
+            os.close(src)
+            os.close(dst)
     return patch, plan
 
 
-def _run_merges(ckpt: Checkpoint, jobs: list, tick: Callable[[int], None]) -> None:
+def _run_merges(jobs: list[tuple[int, int, _Target]], tick: Callable[[int], None], block_bytes: int) -> None:
     """Merge and write the targeted tensors, MERGE_WORKERS at a time (torch releases the GIL), each
-    worker with its own float32 buffers: peak memory is MERGE_WORKERS tensors in float32."""
+    worker with its own bounded buffers (one block), reading each tensor's factors as it starts."""
     from concurrent.futures import ThreadPoolExecutor
 
     local = threading.local()
 
-    def merge_one(job: tuple) -> None:
-        f, fd, key, edits = job
+    def merge_one(job: tuple[int, int, _Target]) -> None:
+        src, dst, target = job
         if not hasattr(local, "ws"):
-            local.ws = Workspace()
-        info = ckpt.headers[f].tensors[key]
-        merged = merge_tensor(read_tensor(f, info), edits, ws=local.ws)
-        _pwrite_all(fd, tensor_bytes(merged), info.begin)
-        tick(info.nbytes)
+            local.ws, local.bufs = Workspace(), Buffers()
+        merge_shard_tensor(src, dst, target.info, target.edits(), block_bytes=block_bytes, ws=local.ws,
+                           bufs=local.bufs, tick=tick)
 
     pool = ThreadPoolExecutor(max_workers=MERGE_WORKERS, thread_name_prefix="portllm-merge")
     try:
@@ -368,27 +417,69 @@ def _run_merges(ckpt: Checkpoint, jobs: list, tick: Callable[[int], None]) -> No
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _verify_safetensors_shard(src: Path, dst: Path, targets: list[tuple[TensorInfo, list]]) -> None:
-    """Every untargeted byte equals the source; every targeted tensor equals the recomputed merge."""
+def _verify_safetensors_shard(src: Path, dst: Path, targets: list[_Target], block_bytes: int = PORT_BLOCK_BYTES) -> None:
+    """Every untargeted byte equals the source; every targeted tensor equals the merge recomputed
+    from the source, block by block (memory: a few blocks, whatever the shard's size)."""
     if dst.stat().st_size != src.stat().st_size:
         raise IntegrityError(f"{dst.name}: size {dst.stat().st_size} differs from the target's {src.stat().st_size}")
     size = src.stat().st_size
-    with open(src, "rb", buffering=0) as fs, open(dst, "rb", buffering=0) as fd:
+    bufs, ws = Buffers(), Workspace()
+    sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDONLY)
+    try:
         cursor = 0
-        for info, edits in sorted(targets, key=lambda t: t[0].begin) + [(None, None)]:
-            end = info.begin if info is not None else size
-            bad = _same_bytes(fs.fileno(), fd.fileno(), cursor, end)
+        for t in sorted(targets, key=lambda t: t.info.begin) + [None]:
+            end = t.info.begin if t is not None else size
+            bad = first_difference(sfd, dfd, cursor, end, bufs)
             if bad is not None:
                 raise IntegrityError(f"{dst.name}: byte {bad} differs from the target, outside any patched tensor")
-            if info is None:
+            if t is None:
                 break
-            expected = tensor_bytes(merge_tensor(read_tensor(src, info), edits))
-            got = os.pread(fd.fileno(), info.nbytes, info.begin)
-            if got != expected.tobytes():
-                raise IntegrityError(
-                    f"{dst.name}: tensor {info.name} does not equal base + scale*B@A (the planned edits) after writing"
-                )
+            info = t.info
+            _, row_bytes, _ = _row_layout(info)
+
+            def check(r0: int, merged: "torch.Tensor", info: TensorInfo = info, row_bytes: int = row_bytes) -> None:
+                want = tensor_bytes(merged)
+                n = len(want)
+                got = bufs.get("got", n)
+                pread_into(dfd, memoryview(got)[:n], info.begin + r0 * row_bytes)
+                if (got if n == len(got) else got[:n]) != want:
+                    raise IntegrityError(
+                        f"{dst.name}: tensor {info.name} does not equal base + scale*B@A (the planned edits) after writing"
+                    )
+
+            if info.nbytes:
+                n_rows, _, _ = _row_layout(info)
+                merge_stream(n_rows, _rows_reader(sfd, info, bufs), check, t.edits(),
+                             block_rows(info.shape or (1,), block_bytes), ws)
             cursor = info.end
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+def _verify_shards(plan: PortPlan, tmp: Path, progress: ProgressFn, block_bytes: int = PORT_BLOCK_BYTES) -> None:
+    """--verify for safetensors targets: every shard reread and checked, MERGE_WORKERS side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ckpt = plan.ckpt
+    targets = _targets(plan)
+    done = 0
+    lock = threading.Lock()
+
+    def one(f: Path) -> None:
+        nonlocal done
+        _verify_safetensors_shard(f, tmp / f.name, targets.get(f, []), block_bytes)
+        with lock:
+            done += 1
+            progress("verify", done, len(ckpt.files))
+
+    with _torch_threads():
+        pool = ThreadPoolExecutor(max_workers=MERGE_WORKERS, thread_name_prefix="portllm-verify")
+        try:
+            for fut in [pool.submit(one, f) for f in ckpt.files]:
+                fut.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _port_pickle(plan: PortPlan, tmp: Path, verify: bool, tick: Callable[[int], None]) -> tuple[list[str], int]:
@@ -396,7 +487,7 @@ def _port_pickle(plan: PortPlan, tmp: Path, verify: bool, tick: Callable[[int], 
     import torch
 
     ckpt = plan.ckpt
-    by_key = plan.edits
+    by_key = {k: _loaded(e) for k, e in plan.edits.items()}
     files = list(ckpt.iter_file_order())
     n = len(files)
     weight_map: dict[str, str] = {}
@@ -449,6 +540,7 @@ def port_merged(
     dora: str = "absolute",
     modules_to_save: str = "delta",
     base: Resolved | None = None,
+    block_bytes: int = PORT_BLOCK_BYTES,
 ) -> PortResult:
     """Write TARGET with PATCH merged into OUT; see the module docstring for how.
 
@@ -463,7 +555,28 @@ def port_merged(
     ``dora``, ``modules_to_save``: the policies of ``core.plan.Policy``; ``base``: the model the
     patch was trained on (else the one it records), needed for PiSSA/OLoRA, whole tensors ported
     as a change, and ``dora="relative"`` without recorded norms.
+
+    A patch directory of plain LoRA is read lazily (``read_patch(lazy=True)``): its file is scanned
+    once, and each module's factors are read when its tensor is merged. ``block_bytes`` is the
+    float32 size of one merge block (the bits do not depend on it).
     """
+    opened: list[Patch] = []  # lazily read patches keep their file open until the port ends
+    try:
+        return _port_merged(patch, target, out, scale=scale, overwrite=overwrite, verify=verify,
+                            allow_pickle=allow_pickle, progress=progress, patch_source=patch_source,
+                            verify_patch=verify_patch, calibration=calibration, dora=dora,
+                            modules_to_save=modules_to_save, base=base, block_bytes=block_bytes, opened=opened)
+    finally:
+        for p in opened:
+            p.close()
+
+
+def _port_merged(
+    patch: "Patch | str | os.PathLike[str]", target: Resolved, out: Path, *, scale: float, overwrite: bool,
+    verify: bool, allow_pickle: bool, progress: ProgressFn | None, patch_source: Resolved | None,
+    verify_patch: bool, calibration: dict[str, Any] | None, dora: str, modules_to_save: str,
+    base: Resolved | None, block_bytes: int, opened: list[Patch],
+) -> PortResult:
     t0 = time.monotonic()
     scale = check_scale(scale)
     policy = Policy(scale, dora, modules_to_save).check()
@@ -480,14 +593,16 @@ def port_merged(
             except PortllmError:
                 plan = None  # let the full reader report first, as it would without the outline
         if plan is None or plan.ckpt.is_pickle:
-            patch, old = prepare_patch(read_patch(path, verify=verify_patch), policy=policy, base=base,
-                                       allow_pickle=allow_pickle)
+            read = read_patch(path, verify=verify_patch, lazy=True)
+            opened.append(read)
+            patch, old = prepare_patch(read, policy=policy, base=base, allow_pickle=allow_pickle)
             plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True, policy=policy, old=old)
         else:
             patch = outline
 
             def load() -> tuple[Patch, PortPlan]:
-                full = read_patch(path, verify=verify_patch)
+                full = read_patch(path, verify=verify_patch, lazy=True)
+                opened.append(full)
                 if not full.is_plain():  # the outline said plain LoRA; the factors must agree
                     raise IntegrityError(f"{path}: the patch changed while it was being read")
                 return full, plan_port(full, target, allow_pickle=allow_pickle, merging=True, policy=policy)
@@ -513,7 +628,7 @@ def port_merged(
         if ckpt.is_pickle:
             shard_names, written = _port_pickle(plan, tmp, verify, tick)
         else:
-            patch, plan = _port_safetensors_shards(plan, patch, tmp, tick, load)
+            patch, plan = _port_safetensors_shards(plan, patch, tmp, tick, load, block_bytes)
             shard_names = [f.name for f in ckpt.files]
             written = sum(f.stat().st_size for f in ckpt.files)
             if ckpt.index_file is not None:
@@ -551,12 +666,7 @@ def port_merged(
         (tmp / PORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         written += (tmp / PORT_RECORD).stat().st_size
         if verify and not ckpt.is_pickle:
-            by_file = _targets_by_file(plan)
-            for f in ckpt.files:
-                header = ckpt.headers[f]
-                targets = [(header.tensors[k], edits) for k, edits in by_file.get(f, [])]
-                _verify_safetensors_shard(f, tmp / f.name, targets)
-                progress("verify", ckpt.files.index(f) + 1, len(ckpt.files))
+            _verify_shards(plan, tmp, progress, block_bytes)
     return PortResult(
         out=out,
         mode="merged",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from portllm_cli.errors import IntegrityError, InvalidInputError, NotFoundError
+from portllm_cli.errors import IntegrityError, InvalidInputError, NotFoundError, PortllmError
 from portllm_cli.io import strict_json
 
 if TYPE_CHECKING:  # torch is imported lazily so that --help stays instant
@@ -44,7 +44,6 @@ DTYPES: dict[str, tuple[int, str]] = {
 
 MAX_HEADER_BYTES = 100_000_000  # same cap as the safetensors library
 MAX_RANK = 64  # more dimensions than any real tensor; bounds the work a hostile header can cause
-COPY_CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -391,18 +390,110 @@ def parse_snapshot(path: str | os.PathLike[str], buf: bytearray) -> tuple[Safete
     return header, tensors
 
 
-def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Copy bytes between two open files at the same offset, in the kernel where possible."""
-    done = 0
-    while done < length:
-        n = min(COPY_CHUNK, length - done)
+class ScannedFile:
+    """A safetensors file read once from start to end, then tensor by tensor through the same open file.
+
+    ``scan`` hashes every byte in order (``sha256``: what a manifest records) and, on the way, each
+    tensor's bytes on their own. ``read`` later rereads one tensor and refuses it unless it hashes
+    to the digest the scan recorded: the bytes used are the bytes that were hashed, even if the file
+    is rewritten in place meanwhile (a file replaced under its name changes nothing: the open one is
+    read). Memory stays one chunk during the scan and one tensor per ``read``, for patches of any size.
+    """
+
+    def __init__(self, path: Path, fh: Any, header: SafetensorsHeader, sha256: str, digests: dict[str, bytes]) -> None:
+        self.path = path
+        self._fh = fh
+        self.header = header
+        self.sha256 = sha256
+        self._digests = digests
+
+    @classmethod
+    def scan(cls, path: str | os.PathLike[str], chunk: int = 8 << 20) -> "ScannedFile":
+        import hashlib
+
+        path = Path(path)
+        with _reading(path):
+            _regular_size(path, os.stat(path))  # before open(): opening a FIFO would block
+            fh = open(path, "rb", buffering=0)
         try:
-            moved = os.copy_file_range(src_fd, dst_fd, n, offset + done, offset + done)
-        except (AttributeError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno not in (18, 22, 38, 95):  # EXDEV EINVAL ENOSYS EOPNOTSUPP
-                raise
-            data = os.pread(src_fd, n, offset + done)
-            moved = os.pwrite(dst_fd, data, offset + done)
-        if moved == 0:
-            raise IntegrityError("source file ended early while copying")
-        done += moved
+            with _reading(path):
+                size = _regular_size(path, os.fstat(fh.fileno()))
+                whole = hashlib.sha256()
+                prefix = _read_exact(fh, 8)
+                whole.update(prefix)
+                try:
+                    n = _header_length(path, prefix, size)
+                    raw = _read_exact(fh, n)
+                    whole.update(raw)
+                    if len(raw) != n:
+                        raise InvalidInputError(f"{path}: corrupt safetensors header (file shrank while reading)")
+                    header = _parse_header(path, raw, size)  # offsets checked against the file's size
+                except PortllmError as exc:
+                    # the whole file's digest still comes with the error, so that a caller holding
+                    # a manifest reports a tampered file as such (as it does reading it whole)
+                    while block := fh.read(chunk):
+                        whole.update(block)
+                    exc.sha256 = whole.hexdigest()  # type: ignore[attr-defined]
+                    raise
+                digests: dict[str, bytes] = {}
+                buf = bytearray(chunk)
+                view = memoryview(buf)
+                for info in sorted(header.tensors.values(), key=lambda t: t.begin):  # contiguous, in order
+                    one = hashlib.sha256()
+                    left = info.nbytes
+                    while left:
+                        k = fh.readinto(view[: min(chunk, left)])
+                        if not k:
+                            raise InvalidInputError(f"{path}: file shrank while reading")
+                        whole.update(view[:k])
+                        one.update(view[:k])
+                        left -= k
+                    digests[info.name] = one.digest()
+                if fh.read(1):
+                    raise InvalidInputError(f"{path}: file grew while reading")
+        except BaseException:
+            fh.close()
+            raise
+        return cls(path, fh, header, whole.hexdigest(), digests)
+
+    def read(self, info: TensorInfo) -> "torch.Tensor":
+        """One tensor of the scanned file, in its own memory; IntegrityError unless its bytes are
+        those the scan hashed."""
+        import hashlib
+
+        import torch
+
+        if self._digests.get(info.name) is None or self.header.tensors.get(info.name) != info:
+            raise KeyError(info.name)
+        dtype = torch_dtype(info.dtype)
+        buf = bytearray(info.nbytes)
+        with _reading(self.path):
+            view = memoryview(buf)
+            got = 0
+            while got < info.nbytes:
+                k = os.preadv(self._fh.fileno(), [view[got:]], info.begin + got)
+                if k <= 0:
+                    break
+                got += k
+        if got != info.nbytes or hashlib.sha256(buf).digest() != self._digests[info.name]:
+            raise IntegrityError(
+                f"{self.path}: tensor {_short(info.name)} changed after its sha256 was checked "
+                "(the file was modified while portllm was reading it)"
+            )
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _read_exact(fh: Any, n: int) -> bytes:
+    """Up to n bytes (fewer only at the end of the file)."""
+    data = bytearray()
+    while len(data) < n:
+        k = fh.read(n - len(data))
+        if not k:
+            break
+        data += k
+    return bytes(data)

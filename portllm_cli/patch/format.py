@@ -11,6 +11,7 @@ The manifest (``format: portllm-patch``, ``format_version: 1``) is specified in 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -31,7 +32,7 @@ from portllm_cli.errors import (
 )
 from portllm_cli.io.checkpoint import ARCH_INT_FIELDS, read_json
 from portllm_cli.io.hashing import sha256_file
-from portllm_cli.io.safetensors import parse_snapshot, read_snapshot, save_tensors
+from portllm_cli.io.safetensors import ScannedFile, TensorInfo, parse_snapshot, read_snapshot, save_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -150,6 +151,54 @@ class LoraModule:
         return d
 
 
+class FactorRef:
+    """A patch tensor not read yet (``read_patch(lazy=True)``): its shape and dtype from the
+    header; ``load()`` reads it from the scanned file, refused unless its bytes are those whose
+    sha256 was checked. ``to()`` loads too, so the reader's own checks (NaN/Inf) run unchanged,
+    one tensor at a time."""
+
+    def __init__(self, source: ScannedFile, info: TensorInfo) -> None:
+        self.source = source
+        self.info = info
+
+    @property
+    def shape(self) -> "torch.Size":
+        import torch
+
+        return torch.Size(self.info.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.info.shape)
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        from portllm_cli.io.safetensors import torch_dtype
+
+        return torch_dtype(self.info.dtype)
+
+    def is_floating_point(self) -> bool:
+        return self.info.dtype in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+    def load(self) -> "torch.Tensor":
+        return self.source.read(self.info)
+
+    def to(self, *args: Any, **kwargs: Any) -> "torch.Tensor":
+        return self.load().to(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"FactorRef({self.info.name!r}, {self.info.dtype}, {list(self.info.shape)})"
+
+
+def materialize(obj: Any) -> Any:
+    """``obj`` (a LoraModule, or any dataclass holding patch tensors) with every FactorRef field
+    read; ``obj`` itself when it holds none (a patch read whole)."""
+    changes = {
+        f.name: v.load() for f in dataclasses.fields(obj) if isinstance(v := getattr(obj, f.name), FactorRef)
+    }
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
 @dataclass
 class FullTensor:
     """A whole tensor the adapter stores (``modules_to_save``, ``bias="all"|"lora_only"``): the
@@ -182,6 +231,12 @@ class Patch:
     full: dict[str, FullTensor] = field(default_factory=dict)  # parameter path -> saved tensor
     tokens: dict[str, TokenRows] = field(default_factory=dict)  # module path -> saved rows
     outline: bool = False  # names and shapes only (read_outline): no factor values
+    source: "ScannedFile | None" = None  # the open weights file of a lazily read patch
+
+    def close(self) -> None:
+        """Close the weights file a lazily read patch keeps open (its factors cannot be read after)."""
+        if self.source is not None:
+            self.source.close()
 
     @property
     def rank(self) -> int:
@@ -718,23 +773,29 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return doc
 
 
-def read_patch(path: str | os.PathLike[str], *, verify: bool = True) -> Patch:
+def read_patch(path: str | os.PathLike[str], *, verify: bool = True, lazy: bool = False) -> Patch:
     """Read and validate a patch directory (or a plain PEFT adapter directory).
 
     With ``verify`` (the default) the weights must match the manifest's sha256. Always: the
     config and manifest are type-checked, the safetensors header is validated, every key must be
     a LoRA factor, every module needs both factors of matching rank, and a factor holding NaN or
     Inf is an IntegrityError naming the module.
+
+    With ``lazy`` the factors stay on disk: the file is scanned once (sha256 checked, each tensor's
+    own digest recorded), every check above runs reading one factor at a time, and the modules hold
+    FactorRef stand-ins that ``materialize`` reads when they are needed, refusing any byte that is
+    not what was hashed. Memory then stays one factor, whatever the size of the patch; the patch
+    keeps its file open until ``Patch.close``.
     """
     path = Path(path)
     try:
-        return _read_patch(path, verify=verify)
+        return _read_patch(path, verify=verify, lazy=lazy)
     except OSError as exc:  # unreadable files or directories: one line, never a traceback
         where = exc.filename or path
         raise InvalidInputError(f"{where}: cannot read the patch ({exc.strerror or exc.__class__.__name__})") from None
 
 
-def _read_patch(path: Path, *, verify: bool) -> Patch:
+def _read_patch(path: Path, *, verify: bool, lazy: bool = False) -> Patch:
     if not path.exists():
         raise NotFoundError(f"{path}: no such patch directory")
     if not path.is_dir():
@@ -756,19 +817,54 @@ def _read_patch(path: Path, *, verify: bool) -> Patch:
     cfg = _validate_config(read_json(cfg_path, "adapter config"), cfg_path, warnings)
     manifest = read_manifest(path)
     # one read: the digest checked below is that of the very bytes the tensors are parsed from
-    digest, data = read_snapshot(weights)
-    if manifest:
-        if verify:
-            if digest != manifest["tensors"]["sha256"]:
-                raise IntegrityError(
-                    f"{weights}: sha256 {digest[:12]}… does not match the manifest's {manifest['tensors']['sha256'][:12]}…",
-                    hint="the patch was modified or corrupted; pass --no-verify only if you know why",
-                )
-    else:
-        warnings.append(f"{path}: no {MANIFEST}; a plain PEFT adapter (not integrity-checked)")
-    _, tensors = parse_snapshot(weights, data)  # validates the layout before any tensor is used
-    modules, full, tokens = parse_tensors(tensors, cfg, weights, warnings)
-    return Patch(path, cfg, manifest, modules, warnings, full, tokens)
+    # (lazily: of the bytes each tensor must hash to again when it is read)
+    def check(digest: str) -> None:
+        if manifest and verify and digest != manifest["tensors"]["sha256"]:
+            raise IntegrityError(
+                f"{weights}: sha256 {digest[:12]}… does not match the manifest's {manifest['tensors']['sha256'][:12]}…",
+                hint="the patch was modified or corrupted; pass --no-verify only if you know why",
+            )
+
+    source = None
+    if lazy and is_plain_lora(cfg):  # a variant's parts (norms, whole tensors, experts) are read whole
+        try:
+            source = ScannedFile.scan(weights)
+        except PortllmError as exc:  # a bad header: a tampered file is still reported as one
+            if getattr(exc, "sha256", None):
+                check(exc.sha256)  # type: ignore[attr-defined]
+            raise
+    try:
+        if source is not None:
+            digest = source.sha256
+        else:
+            digest, data = read_snapshot(weights)
+        check(digest)
+        if not manifest:
+            warnings.append(f"{path}: no {MANIFEST}; a plain PEFT adapter (not integrity-checked)")
+        if source is not None:
+            tensors = {name: FactorRef(source, info) for name, info in source.header.tensors.items()}
+        else:
+            _, tensors = parse_snapshot(weights, data)  # validates the layout before any tensor is used
+        modules, full, tokens = parse_tensors(tensors, cfg, weights, warnings)
+    except BaseException:
+        if source is not None:
+            source.close()
+        raise
+    return Patch(path, cfg, manifest, modules, warnings, full, tokens, source=source)
+
+
+def is_plain_lora(cfg: dict[str, Any]) -> bool:
+    """Only low-rank factors, merged as W + s*B@A: no DoRA, biases, whole tensors, token rows,
+    raw-parameter (expert) factors or an init that needs the old base."""
+    return (
+        init_kind(cfg) == "plain"
+        and not cfg.get("use_dora")
+        and not cfg.get("lora_bias")
+        and not cfg.get("modules_to_save")
+        and not cfg.get("trainable_token_indices")
+        and cfg.get("bias", "none") in (None, "none")
+        and not cfg.get("target_parameters")
+    )
 
 
 # -- writing --------------------------------------------------------------------------------

@@ -1,0 +1,171 @@
+"""Byte-level work on the shard files of a port: clone or copy what is not merged, write merged rows,
+compare two files. No torch here; every buffer is allocated once and reused.
+
+A merged shard keeps the target's layout byte for byte, so the output file is the source file with
+the ranges of the merged tensors rewritten. Where the filesystem can share extents (``FICLONE`` on
+btrfs, XFS with reflink, bcachefs...) the whole shard is cloned first and only the merged tensors
+are written; elsewhere (ext4, tmpfs) the ranges that hold no merged tensor are copied by the kernel
+(``copy_file_range``: no user-space buffer, no second read of the merged tensors' bytes).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable
+
+from portllm_cli.errors import IntegrityError
+
+COPY_CHUNK = 64 << 20  # bytes per copy_file_range call (and per progress tick / cancellation check)
+COMPARE_CHUNK = 8 << 20  # bytes per pread while comparing two files
+FICLONE = 0x40049409  # _IOW(0x94, 9, int): linux/fs.h
+# errno values meaning "not between these two files, here", after which the caller falls back
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+_NO_CLONE = _NO_KERNEL_COPY | {errno.ENOTTY, errno.EBADF, errno.EPERM, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
+def pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset``; a short file is an IntegrityError."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise IntegrityError(f"file ended at byte {offset + done} while reading {len(view)} bytes at {offset}")
+        done += n
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"short write at offset {offset + done}")
+        done += n
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Copy bytes between two open files at the same offset, in the kernel where possible."""
+    done = 0
+    while done < length:
+        n = min(COPY_CHUNK, length - done)
+        try:
+            moved = os.copy_file_range(src_fd, dst_fd, n, offset + done, offset + done)
+        except (AttributeError, OSError) as exc:  # no copy_file_range (macOS), or not between these files
+            if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
+                raise
+            data = os.pread(src_fd, n, offset + done)
+            if not data:
+                raise IntegrityError("source file ended early while copying") from None
+            pwrite_all(dst_fd, memoryview(data), offset + done)
+            moved = len(data)
+        if moved == 0:
+            raise IntegrityError("source file ended early while copying")
+        done += moved
+
+
+def clone_file(src_fd: int, dst_fd: int) -> bool:
+    """Make ``dst`` share ``src``'s extents (a reflink: no bytes copied); False where unsupported.
+
+    The clone is copy-on-write: writing into ``dst`` afterwards never changes ``src``.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("PORTLLM_NO_REFLINK"):
+        return False
+    import fcntl
+
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError as exc:
+        if exc.errno in _NO_CLONE:
+            return False
+        raise
+    return True
+
+
+def untargeted_spans(size: int, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The [begin, end) byte spans of a ``size``-byte file outside the given (non-overlapping) ranges."""
+    spans, cursor = [], 0
+    for begin, end in sorted(ranges):
+        if begin > cursor:
+            spans.append((cursor, begin))
+        cursor = max(cursor, end)
+    if cursor < size:
+        spans.append((cursor, size))
+    return spans
+
+
+class Buffers:
+    """Reusable byte buffers by name, grown to the largest request and never shrunk (one per thread)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, bytearray] = {}
+
+    def get(self, name: str, n: int) -> bytearray:
+        buf = self._bufs.get(name)
+        if buf is None or len(buf) < n:
+            self._bufs.pop(name, None)  # free the old one before allocating the larger one
+            buf = self._bufs[name] = bytearray(n)
+        return buf
+
+
+def first_difference(a_fd: int, b_fd: int, begin: int, end: int, bufs: Buffers) -> int | None:
+    """First offset in [begin, end) where two files differ, or None when they are equal there."""
+    pos = begin
+    a, b = bufs.get("cmp-a", COMPARE_CHUNK), bufs.get("cmp-b", COMPARE_CHUNK)
+    while pos < end:
+        n = min(COMPARE_CHUNK, end - pos)
+        va, vb = memoryview(a)[:n], memoryview(b)[:n]
+        pread_into(a_fd, va, pos)
+        pread_into(b_fd, vb, pos)
+        # bytearray == bytearray is a memcmp; a memoryview comparison goes element by element
+        same = a == b if n == len(a) else va.tobytes() == vb.tobytes()
+        if not same:
+            return pos + next(i for i in range(n) if va[i] != vb[i])
+        pos += n
+    return None
+
+
+class ShardCopier:
+    """Copies byte spans between open files in worker threads while the caller merges other ranges
+    of the same files (``copy_file_range`` runs in the kernel and releases the GIL, so copying,
+    importing torch and merging overlap). Spans of different files run side by side."""
+
+    def __init__(self, workers: int, tick: Callable[[int], None]) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="portllm-copy")
+        self._cancel = threading.Event()
+        self._futures: list[Future] = []
+        self._tick = tick
+
+    def submit(self, src_fd: int, dst_fd: int, spans: list[tuple[int, int]]) -> None:
+        if spans:
+            self._futures.append(self._pool.submit(self._run, src_fd, dst_fd, spans))
+
+    def _run(self, src_fd: int, dst_fd: int, spans: list[tuple[int, int]]) -> None:
+        for begin, end in spans:
+            pos = begin
+            while pos < end:
+                if self._cancel.is_set():
+                    return
+                n = min(COPY_CHUNK, end - pos)
+                copy_range(src_fd, dst_fd, pos, n)
+                pos += n
+                self._tick(n)
+
+    def wait(self) -> None:
+        """Wait for every copy; the first failure is raised."""
+        for f in self._futures:
+            f.result()
+
+    def fsync(self, fds: list[int]) -> None:
+        """fsync every file once, side by side: on disk before the output is renamed into place."""
+        for f in [self._pool.submit(os.fsync, fd) for fd in fds]:
+            f.result()
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
