@@ -245,16 +245,18 @@ def _sampled_hwm(pid: int) -> int:
     return 0
 
 
-def run_one(cmds: list[list[str]], stdout_path: Path | None = None) -> dict:
-    """Run commands one after the other (as `a && b`), then `sync`. Wall, durable, CPU, peak RSS."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_one(cmds: list[list[str]], stdout_path: Path | None = None, root: Path = REPO) -> dict:
+    """Run commands one after the other (as `a && b`), then `sync`. Wall, durable, CPU, peak RSS.
+
+    ``root``: the portllm checkout the Python commands import (another one for --baseline)."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
     wall = user = system = 0.0
     peak = 0
     t0 = time.perf_counter()
     for cmd in cmds:
         out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL
         try:
-            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=out, stderr=subprocess.PIPE)
             sampled = 0
             if cmd[0] != sys.executable:  # not Python: sample its high-water mark while it runs
                 while True:
@@ -394,6 +396,8 @@ def bench_shape(args, tag: str, s: dict, methods: list[str], adapters: list[str]
                 rows.append((m, a))
                 if m == "portllm" and "diff" in methods:
                     rows.append(("diff", a))
+                if m == "portllm" and args.baseline is not None:
+                    rows.append(("portllm@baseline", a))
     if "diff" in methods and "portllm" not in methods:
         raise SystemExit("diff compares the model with portllm's output: add portllm to --methods")
     results: dict[str, list[dict]] = {}
@@ -405,7 +409,7 @@ def bench_shape(args, tag: str, s: dict, methods: list[str], adapters: list[str]
             port_out = outs / f"portllm_{a}"  # what the portllm row writes
             if m == "cp":
                 cmds = [["cp", "-r", str(model), str(target)]]
-            elif m == "portllm":
+            elif m in ("portllm", "portllm@baseline"):
                 cmds = [portllm_cmd("port", "--patch", str(patches[a]), "--to", str(model), "--out", str(target), "--quiet")]
             elif m == "portllm --verify":
                 cmds = [portllm_cmd("port", "--patch", str(patches[a]), "--to", str(model), "--out", str(target),
@@ -422,7 +426,8 @@ def bench_shape(args, tag: str, s: dict, methods: list[str], adapters: list[str]
                 os.sync()
                 if not (args.drop_caches and drop_caches()):
                     warm(model)
-            res = run_one(cmds, stdout_path=outs / "diff.json" if m == "diff" else None)
+            res = run_one(cmds, stdout_path=outs / "diff.json" if m == "diff" else None,
+                          root=args.baseline if m == "portllm@baseline" else REPO)
             if m == "diff":
                 doc = json.loads((outs / "diff.json").read_text())
                 res["note"] = doc.get("verdict_text")
@@ -450,6 +455,11 @@ def bench_shape(args, tag: str, s: dict, methods: list[str], adapters: list[str]
             ratios[f"portllm [{a}] / peft (peak RSS)"] = p["peak_mb"] / med[f"peft [{a}]"]["peak_mb"]
         if base is not None:
             ratios[f"portllm [{a}] peak above import torch (MB)"] = p["peak_mb"] - base
+        if f"portllm@baseline [{a}]" in med:
+            b = med[f"portllm@baseline [{a}]"]
+            ratios[f"portllm [{a}] / baseline (durable time)"] = p["durable"] / b["durable"]
+            ratios[f"portllm [{a}] / baseline (CPU time)"] = p["cpu"] / b["cpu"]
+            ratios[f"portllm [{a}] / baseline (peak RSS)"] = p["peak_mb"] / b["peak_mb"]
     return {"shape": tag, "model_bytes": size, "shards": n_shards, "filesystem": filesystem(model),
             "rounds": args.rounds, "median": med, "ratios": ratios, "notes": notes, "runs": results}
 
@@ -499,12 +509,21 @@ def main() -> None:
     ap.add_argument("--drop-caches", action="store_true", help="start every method with a cold page cache (root)")
     ap.add_argument("--clean", action="store_true", help="delete each shape's model and patches when done with it")
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON document")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                    help="another portllm checkout (e.g. `git worktree add /tmp/before REV`): its `port` runs "
+                         "next to this one's, same inputs, same rounds (row portllm@baseline)")
     args = ap.parse_args()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "portllm_cli" / "__init__.py").is_file():
+            raise SystemExit(f"--baseline {args.baseline}: not a portllm checkout (no portllm_cli/__init__.py)")
+        if "portllm" not in methods:
+            raise SystemExit("--baseline runs next to the portllm method: add portllm to --methods")
     adapters = [a.strip() for a in args.adapter.split(",") if a.strip()]
     for a in adapters:
         if a not in ADAPTERS:

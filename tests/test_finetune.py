@@ -18,6 +18,7 @@ from portllm_cli.errors import Interrupted, UsageError
 from tests import real, tiny
 
 SENTENCES = tiny.SENTENCES
+runner = CliRunner()
 FAST = dict(max_length=32, device="cpu", batch_size=4)
 
 
@@ -115,6 +116,56 @@ def test_manifest_records_base_data_and_hyperparameters(trained, llama_dir, sst2
     assert src["training"]["final_loss"] == trained.final_loss == trained.losses[-1]
     assert src["training"]["steps"] == 24 and src["training"]["wall_s"] > 0
     assert not train.checkpoint_dir_for(trained.out).exists()
+
+
+def test_use_dora_trains_dora_and_records_the_base_norms(tmp_path, llama_dir, llama_evolved_dir, sst2_file):
+    """--use-dora: PEFT loads the patch as DoRA with the trained magnitudes; the manifest holds
+    ||W_base|| per output feature (checked against the base's weights read here), so that
+    `port --dora relative` needs no base; and port's default (absolute) is PEFT's own merge."""
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from portllm_cli.core.plan import decode_norms
+
+    out = tmp_path / "dora.patch"
+    res = runner.invoke(app, ["finetune", "-m", str(llama_dir), "-t", "sst2", "-d", str(sst2_file), "-o", str(out),
+                              "--use-dora", "--lr", "1e-2", "--max-steps", "4", "--max-length", "32", "--device", "cpu",
+                              "--json"])
+    assert res.exit_code == 0, res.stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    mags = {k: v for k, v in saved.items() if k.endswith(".lora_magnitude_vector")}
+    assert len(mags) == 2 * 2  # q_proj and v_proj of both layers
+    manifest = json.loads((out / "portllm.json").read_text())
+    assert manifest["lora"]["use_dora"] is True and manifest["source"]["hyperparameters"]["use_dora"] is True
+    base = load_file(str(llama_dir / "model.safetensors"))
+    norms = manifest["dora"]["base_norms"]
+    assert set(norms) == {k.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector") for k in mags}
+    for name, text in norms.items():
+        W = base[f"{name}.weight"].float()
+        want = torch.linalg.vector_norm(W, dim=1)
+        torch.testing.assert_close(decode_norms(text, W.shape[0], name), want, rtol=1e-6, atol=0)
+    # trained magnitudes moved away from the initial ||W|| (lr 1e-2, 4 steps)
+    some = next(iter(mags))
+    assert not torch.allclose(mags[some].float(), decode_norms(norms[some.removeprefix("base_model.model.").removesuffix(
+        ".lora_magnitude_vector")], mags[some].shape[0], "m"))
+    # port (default --dora absolute) onto the evolved model equals PEFT's merge there
+    ported = tmp_path / "ported"
+    res = runner.invoke(app, ["port", "-p", str(out), "--to", str(llama_evolved_dir), "-o", str(ported), "--json"])
+    assert res.exit_code == 0, res.stderr
+    evolved = transformers.AutoModelForCausalLM.from_pretrained(llama_evolved_dir, dtype=torch.float32)
+    want = PeftModel.from_pretrained(evolved, out).merge_and_unload().state_dict()
+    got = load_file(str(ported / "model.safetensors"))
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    # relative needs no --base: the recorded norms are used
+    rel = tmp_path / "relative"
+    res = runner.invoke(app, ["port", "-p", str(out), "--to", str(llama_evolved_dir), "-o", str(rel), "--dora",
+                              "relative", "--json"])
+    assert res.exit_code == 0, res.stderr
 
 
 def _factors(out: Path):

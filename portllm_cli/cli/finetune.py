@@ -60,6 +60,7 @@ def finetune(
     rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank.")] = D.rank,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale = alpha / rank).")] = D.alpha,
     dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = D.dropout,
+    use_dora: Annotated[bool, typer.Option("--use-dora", help="Train DoRA (PEFT's use_dora: a learned magnitude per output feature); the patch records the base's weight norms for 'port --dora relative'.")] = D.use_dora,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, linear decay to 0).")] = D.lr,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the data.")] = D.epochs,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs).")] = D.max_steps,

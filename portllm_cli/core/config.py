@@ -73,6 +73,7 @@ class FinetuneConfig(_Config):
     rank: int = 8
     alpha: float = 16
     dropout: float = 0.1
+    use_dora: bool = False  # DoRA (PEFT's use_dora): a magnitude per output feature on top of the LoRA
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # or ("all-linear",)
     full: bool = False  # every weight, and a model directory instead of a patch
     # the optimizer and its schedule
@@ -122,6 +123,8 @@ class FinetuneConfig(_Config):
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
+        if self.use_dora and self.full:
+            raise UsageError("--use-dora trains a DoRA patch; --full trains every weight", hint="give one of them")
 
 
 @dataclass(frozen=True)

@@ -414,6 +414,9 @@ class GgufPortResult:
             "out": str(self.out), "mode": self.mode, "format": "gguf", "patch": self.patch, "target": self.target,
             "modules_merged": self.modules_merged, "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3), "scale": self.scale, "verified": self.verified,
+            # the effect check: check_fit refuses a module that lands nowhere and require_plain_lora any
+            # part that is not a factor, so both factors of every module were used
+            "patch_tensors": {"applied": 2 * self.modules_merged, "total": 2 * self.modules_merged},
             "warnings": list(self.warnings), "files": list(self.files), "tensors": list(self.tensors), **self.extra,
         }
 

@@ -332,11 +332,6 @@ def merge_tensor(
     return out
 
 
-def merge_weight(W: "torch.Tensor", module: "LoraModule", scale: float = 1.0, ws: Workspace | None = None) -> "torch.Tensor":
-    """W + scale * module.scale * B @ A, formed in float32 and rounded once to W's dtype."""
-    return merge_tensor(W, [LoraEdit(module, scale)], ws=ws)
-
-
 def merge_in_place(W: "torch.Tensor", edits: Sequence[Edit], ws: Workspace | None = None) -> None:
     """Apply edits to a live tensor (e.g. a loaded model's parameter), block by block.
 

