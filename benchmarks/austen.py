@@ -169,8 +169,9 @@ def austen_text(deb: Path) -> str:
 def austen_corpus(max_bytes: int, notify: Any = None) -> Path:
     """The first ``max_bytes`` of the six novels (cut at a line end), cached under the material home."""
     from portllm_cli.demo import material
+    from portllm_cli.io.home import portllm_home
 
-    base = material.home() / "data" / "austen"
+    base = portllm_home() / "data" / "austen"
     out = base / f"corpus-{max_bytes}.txt"
     if out.is_file():
         return out

@@ -161,11 +161,55 @@ def test_use_dora_trains_dora_and_records_the_base_norms(tmp_path, llama_dir, ll
     got = load_file(str(ported / "model.safetensors"))
     for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
-    # relative needs no --base: the recorded norms are used
+    # relative needs no --base: the recorded norms are used; m' = m * ||W_new|| / ||W_old||, computed here
     rel = tmp_path / "relative"
     res = runner.invoke(app, ["port", "-p", str(out), "--to", str(llama_evolved_dir), "-o", str(rel), "--dora",
                               "relative", "--json"])
     assert res.exit_code == 0, res.stderr
+    got_rel, new = load_file(str(rel / "model.safetensors")), load_file(str(llama_evolved_dir / "model.safetensors"))
+    s = cfg["lora_alpha"] / cfg["r"]
+    for name in norms:
+        pre = f"base_model.model.{name}"
+        A, B, m = (saved[f"{pre}.lora_A.weight"].double(), saved[f"{pre}.lora_B.weight"].double(),
+                   saved[f"{pre}.lora_magnitude_vector"].double())
+        Wn, Wo = new[f"{name}.weight"].double(), base[f"{name}.weight"].double()
+        V = Wn + s * B @ A
+        want_rel = (m * Wn.norm(dim=1) / Wo.norm(dim=1) / V.norm(dim=1))[:, None] * V
+        torch.testing.assert_close(got_rel[f"{name}.weight"].double(), want_rel, rtol=0, atol=1e-6)
+    assert not torch.equal(got_rel["model.layers.0.self_attn.q_proj.weight"], got["model.layers.0.self_attn.q_proj.weight"])
+    # on the base it was trained on, relative is absolute, bit for bit (the recorded norms are ||W_base||)
+    for policy in ("absolute", "relative"):
+        res = runner.invoke(app, ["port", "-p", str(out), "--to", str(llama_dir), "-o", str(tmp_path / f"b-{policy}"),
+                                  "--dora", policy, "--json"])
+        assert res.exit_code == 0, res.stderr
+    b_abs, b_rel = (load_file(str(tmp_path / f"b-{p}" / "model.safetensors")) for p in ("absolute", "relative"))
+    assert all(torch.equal(b_abs[k], b_rel[k]) for k in b_abs)
+    # in memory (eval's path, core.evaluate.score_loaded with a policy) each policy scores exactly as the
+    # model `port` wrote with it: the same log-likelihood for every example
+    import contextlib
+    import tempfile
+
+    from portllm_cli.core import harness
+    from portllm_cli.core.config import EvalConfig
+    from portllm_cli.core.evaluate import evaluate, score_loaded
+    from portllm_cli.core.plan import Policy
+    from portllm_cli.patch.format import read_patch
+
+    def lls(samples):
+        return [[float(r[0]) for r in x["filtered_resps"]] for x in sorted(samples, key=lambda x: x["doc_id"])]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_evolved_dir, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(llama_evolved_dir)
+    data = {"sst2": sst2_file}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        plan = harness.plan_offline(stack, ["sst2"], data, None, Path(tmp))
+        stack.enter_context(harness.quiet_lm_eval())
+        live = {p: score_loaded(model, tok, "evolved", [(p, read_patch(out), None)], plan, EvalConfig(),
+                                log_samples=True, policy=Policy(dora=p))[0] for p in ("absolute", "relative")}
+    for policy, merged in (("absolute", ported), ("relative", rel)):
+        (disk,) = evaluate([str(merged)], [], ["sst2"], data=data, device="cpu", log_samples_dir=tmp_path / f"s-{policy}").rows
+        assert lls(disk.samples["sst2"]) == lls(live[policy].samples["sst2"]), policy
+    assert lls(live["absolute"].samples["sst2"]) != lls(live["relative"].samples["sst2"])
 
 
 def _factors(out: Path):

@@ -33,6 +33,9 @@ Examples:
   portllm finetune --model ./smollm2 --task sst2 --data polarity.csv --text-field 1 --label-field 0 \\
       --label-map=-1=negative,1=positive --epochs 2 --lr 3e-4 --out ./polarity.patch
 
+  # a DoRA patch: 'port --dora relative' needs no --base later (the base's norms are recorded)
+  portllm finetune --model ./smollm2 --task sst2 --data sst2.jsonl --use-dora --out ./sst2-dora.patch
+
   # generic prompt/completion pairs, checkpoint every 200 steps; continue after Ctrl-C with --resume
   portllm finetune --model ./llama --task completion --data pairs.jsonl --save-every 200 --out ./p
   portllm finetune --model ./llama --task completion --data pairs.jsonl --save-every 200 --out ./p --resume

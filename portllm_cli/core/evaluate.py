@@ -326,16 +326,19 @@ def score_loaded(
     *,
     log_samples: bool = False,
     on_task: Callable[[str, str], None] | None = None,
+    policy: Any = None,
 ) -> list[ConfigResult]:
     """Score a model already in memory on every task of ``plan``: for each (name, patch, old base),
     with that patch merged in (None: the model alone), removed and checked bitwise before the next.
     The old base (``core.plan.prepare_patch``'s) is None unless the patch's parts need it.
+    ``policy`` (``core.plan.Policy``: ``--scale``, ``--dora``, ``--modules-to-save``) is the one
+    ``port`` would merge with; default ``port``'s defaults.
     ``on_task(configuration name, task)`` is called after each task."""
     lm = harness.make_lm(model, tokenizer, config.batch)
     rows = []
     for name, patch, old in patches:
         cname = config_name(model_name, name)
-        ctx = patched(model, patch, old=old) if patch is not None else contextlib.nullcontext()
+        ctx = patched(model, patch, old=old, policy=policy) if patch is not None else contextlib.nullcontext()
         with ctx:
             scores, sections, samples = harness.run_tasks(
                 lm, plan, limit=config.limit, num_fewshot=config.num_fewshot, log_samples=log_samples,
