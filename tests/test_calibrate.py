@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from portllm_cli.cli.app import app
 from portllm_cli.core import calibrate as core
-from portllm_cli.io.safetensors import load_tensors, save_tensors
+from portllm_cli.io.safetensors import load_tensors
 from portllm_cli.patch.format import adapter_config, build_manifest, read_patch, sha256_file, write_patch_files
 from tests import tiny
 
@@ -51,14 +51,6 @@ def dense_loglik(model, tok, context: str, continuation: str) -> float:
         lp = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)
     return sum(float(lp[i - 1, whole[i]]) for i in range(n, len(whole)))
 
-
-def copy_model(src: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, dst / f.name)
-    save_tensors(dst / "model.safetensors", tensors)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +97,8 @@ def known(llama_dir, tmp_path_factory):
         out["lm_head.weight"] = (sd["lm_head.weight"].double() + mu * delta).float()
         return out
 
-    evolved = copy_model(llama_dir, root / "evolved", with_lm_head(-0.5))
-    ideal = copy_model(llama_dir, root / "ideal", with_lm_head(1.0))
+    evolved = tiny.copy_model(llama_dir, root / "evolved", with_lm_head(-0.5))
+    ideal = tiny.copy_model(llama_dir, root / "ideal", with_lm_head(1.0))
     m_ideal, _ = load_lm(ideal)
     rows = []
     for (sentence, _), p in zip(tiny.SENTENCES, prompts):
@@ -313,7 +305,7 @@ def test_existing_out_and_incompatible_target_fail_before_scoring(known, tmp_pat
     other = tmp_path / "other"
     sd = load_tensors(known["evolved"] / "model.safetensors")
     sd["lm_head.weight"] = sd["lm_head.weight"][:, :16].contiguous()
-    copy_model(known["evolved"], other, sd)
+    tiny.copy_model(known["evolved"], other, sd)
     out2 = tmp_path / "o2"
     res = run("port", "-p", known["patch"], "--to", other, "-o", out2, "--calibrate", f"sst2={known['data']}")
     _refusal(res, 3, out2, "lm_head")

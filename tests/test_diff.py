@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from portllm_cli.cli.app import app
 from portllm_cli.core import diff as core
 from portllm_cli.io.checkpoint import Checkpoint
-from portllm_cli.io.safetensors import load_tensors, save_tensors
+from portllm_cli.io.safetensors import load_tensors
 from portllm_cli.patch.format import LoraModule, adapter_config, build_manifest, read_patch, write_patch_files
 from tests import tiny
 
@@ -32,14 +32,6 @@ def invoke(*args: str):
     return runner.invoke(app, ["diff", *map(str, args)])
 
 
-def copy_model(src: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, dst / f.name)
-    save_tensors(dst / "model.safetensors", tensors)
-    return dst
-
 
 def np64(t: torch.Tensor) -> np.ndarray:
     return t.to(torch.float64).numpy()
@@ -52,12 +44,12 @@ def model_pair(request, llama_dir, tmp_path_factory) -> tuple[Path, Path]:
     dtype = getattr(torch, request.param)
     sd = {k: v.to(dtype) for k, v in load_tensors(llama_dir / "model.safetensors").items()}
     root = tmp_path_factory.mktemp(f"pair-{request.param}")
-    a = copy_model(llama_dir, root / "a", sd) if dtype != torch.float32 else llama_dir
+    a = tiny.copy_model(llama_dir, root / "a", sd) if dtype != torch.float32 else llama_dir
     gen = torch.Generator().manual_seed(7)
     out = dict(sd)
     for name, eps in PERTURBED.items():
         out[name] = (sd[name].float() + eps * torch.randn(sd[name].shape, generator=gen)).to(dtype)
-    return a, copy_model(llama_dir, root / "b", out)
+    return a, tiny.copy_model(llama_dir, root / "b", out)
 
 
 def test_model_against_itself_is_identical(llama_dir):
@@ -117,7 +109,7 @@ def test_missing_extra_and_reshaped_tensors_are_findings(llama_dir, tmp_path):
     sd.pop("lm_head.weight")
     sd["extra.bias"] = torch.ones(3)
     sd["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(16, 32)
-    other = copy_model(llama_dir, tmp_path / "m", sd)
+    other = tiny.copy_model(llama_dir, tmp_path / "m", sd)
     rep = core.diff_models(Checkpoint.open(llama_dir), Checkpoint.open(other))
     assert rep.only_in_a == ["lm_head.weight"] and rep.only_in_b == ["extra.bias"]
     assert [(s.name, s.shape_a, s.shape_b) for s in rep.shape_mismatches] == [
@@ -275,7 +267,7 @@ def test_patch_vs_evolved_model_reports_drift_from_base(llama_dir, llama_evolved
 def test_patch_vs_incompatible_model_exits_3(llama_dir, llama_lora_dir, tmp_path):
     sd = load_tensors(llama_dir / "model.safetensors")
     sd["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(16, 32)
-    other = copy_model(llama_dir, tmp_path / "m", sd)
+    other = tiny.copy_model(llama_dir, tmp_path / "m", sd)
     res = invoke(llama_lora_dir, other, "--json")
     assert res.exit_code == 3
     doc = json.loads(res.stdout)  # the report is printed before the exit

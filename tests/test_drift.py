@@ -8,7 +8,6 @@ row blocks, never forms s*B@A, and finds the subspaces by randomized subspace it
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,13 @@ from typer.testing import CliRunner
 
 from portllm_cli.cli.app import app
 from portllm_cli.core import diff as core
-from portllm_cli.io.safetensors import load_tensors, save_tensors
+from portllm_cli.io.safetensors import load_tensors
 from portllm_cli.patch.format import read_patch
 from tests import tiny
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-
-def copy_model(src: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copy(f, dst / f.name)
-    save_tensors(dst / "model.safetensors", tensors)
-    return dst
 
 
 def lowrank_drift(w: torch.Tensor, gen: torch.Generator, sigmas=(1.0, 0.8, 0.6, 0.5, 0.4, 0.3), noise=1e-4):
@@ -60,8 +51,8 @@ def setup(llama_dir, tmp_path_factory):
     tiny.make_lora(llama_dir, emb, targets=("embed_tokens", "o_proj"), rank=3, alpha=6.0, seed=6)
     return {
         "base": llama_dir,
-        "lowrank": copy_model(llama_dir, root / "lowrank", lowrank),
-        "noisy": copy_model(llama_dir, root / "noisy", noisy),
+        "lowrank": tiny.copy_model(llama_dir, root / "lowrank", lowrank),
+        "noisy": tiny.copy_model(llama_dir, root / "noisy", noisy),
         "lora": lora,
         "lora-emb": emb,
     }

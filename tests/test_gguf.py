@@ -16,25 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from portllm_cli.cli.app import app
 from tests import gguf_fixtures as gf
 from tests import tiny
 
 gguf = pytest.importorskip("gguf")
-runner = CliRunner()
 TOKENS = [[1, 5, 30, 100, 7, 9, 44, 3], [3, 200, 17, 64]]
 
 
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args) -> dict:
-    res = run(*args, "--json")
-    assert res.exit_code == 0, res.stderr
-    return json.loads(res.stdout)
+run, ok = tiny.run, tiny.ok
 
 
 def one_error_line(res, code: int, needle: str = "") -> None:

@@ -15,25 +15,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from portllm_cli.cli.app import app
 from tests import tiny
 
 torch = pytest.importorskip("torch")
-runner = CliRunner()
 IDS = [[1, 3, 5, 7, 22, 40, 99, 200]]
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args) -> dict:
-    res = run(*args, "--json")
-    assert res.exit_code == 0, res.stderr
-    return json.loads(res.stdout)
+run, ok = tiny.run, tiny.ok
 
 
 def refused(code: int, *args, words=()) -> str:

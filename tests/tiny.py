@@ -121,6 +121,36 @@ def make_model(
     return model
 
 
+def copy_model(src: Path, dst: Path, tensors: dict) -> Path:
+    """``src``'s config and tokenizer with ``tensors`` as its only weights (model.safetensors)."""
+    import shutil
+
+    from portllm_cli.io.safetensors import save_tensors
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    save_tensors(dst / "model.safetensors", tensors)
+    return dst
+
+
+def run(*args):
+    """The portllm command line in-process (typer's CliRunner), every argument as a string."""
+    from typer.testing import CliRunner
+
+    from portllm_cli.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(*args) -> dict:
+    """run(*args, "--json"), which must succeed; its JSON document."""
+    res = run(*args, "--json")
+    assert res.exit_code == 0, res.stderr
+    return json.loads(res.stdout)
+
+
 def perturb_model(src: Path, out: Path, *, scale: float = 0.02, seed: int = 1):
     """An 'evolved' copy of a model: every floating weight moved by a small random amount."""
     import torch

@@ -233,13 +233,18 @@ def port(
     sha256, as the `calibration` object of the output's record and of --json.
     """
     from portllm_cli.core import port as core
+    from portllm_cli.core.config import PortConfig
     from portllm_cli.errors import UsageError
     from portllm_cli.patch.format import read_patch
     from portllm_cli.resolve import resolve
 
     o = Output(json_mode=json_, quiet=quiet)
     cal_grid = _check_calibrate_flags(scale, calibrate, calibrate_grid, calibrate_limit, calibrate_metric, device)
-    scale = core.check_scale(1.0 if scale is None else scale)
+    # every setting of the port, once (the calibrated scale replaces the default below)
+    cfg = PortConfig.build(None, dict(
+        scale=1.0 if scale is None else scale, dora=dora, modules_to_save=modules_to_save, overwrite=overwrite,
+        verify=verify, verify_patch=not no_verify, allow_pickle=allow_pickle,
+    ))
     if format_ not in ("", "peft", "gguf"):
         raise UsageError(f"--format {format_!r}: expected peft or gguf")
     if format_ and not as_adapter:
@@ -248,6 +253,7 @@ def port(
         patch_res = resolve(patch, kind="patch", progress=progress)
         target = _resolve_target(to, revision, gguf_file, progress=progress, allow_pickle=allow_pickle)
         base_res = resolve(base, kind="model", progress=progress, allow_pickle=allow_pickle) if base else None
+    cfg = PortConfig.build(cfg, dict(patch_source=patch_res, base=base_res))
     gguf_target = target.path.suffix == ".gguf"
     if as_adapter and format_ == "gguf" or gguf_target:
         if calibrate is not None:
@@ -256,12 +262,9 @@ def port(
                 hint="calibrate against the safetensors model (portllm port --calibrate ... --as-adapter), "
                 "then port onto the GGUF with --scale set to the chosen value",
             )
-        _port_gguf(o, patch_res, target, out, as_adapter=as_adapter, format_=format_ or "gguf", scale=scale,
-                   overwrite=overwrite, verify=verify, no_verify=no_verify, allow_pickle=allow_pickle,
-                   merged_type=gguf_merged_type, lora_type=gguf_lora_type, push_to_hub=push_to_hub, base=base_res)
+        _port_gguf(o, patch_res, target, out, cfg, as_adapter=as_adapter, format_=format_ or "gguf",
+                   merged_type=gguf_merged_type, lora_type=gguf_lora_type, push_to_hub=push_to_hub)
         return
-    common = dict(scale=scale, overwrite=overwrite, verify=verify, allow_pickle=allow_pickle, patch_source=patch_res,
-                  dora=dora.value, modules_to_save=modules_to_save.value, base=base_res)
     cal_warnings: list[str] = []
     with o.progress() as progress:
         if calibrate is not None:  # the scale first, from the data; then the port as with --scale
@@ -271,18 +274,17 @@ def port(
                 read_patch(patch_res.path, verify=not no_verify), target, calibrate, out, grid=cal_grid,
                 limit=calibrate_limit, metric=(calibrate_metric.value if calibrate_metric else "auto"),
                 device=(device.value if device else "auto"), overwrite=overwrite, allow_pickle=allow_pickle,
-                merging=not as_adapter, dora=dora.value, modules_to_save=modules_to_save.value, base=base_res,
+                merging=not as_adapter, dora=cfg.dora, modules_to_save=cfg.modules_to_save, base=base_res,
                 progress=progress,
             )
             cal_warnings = list(cal.warnings)
-            common.update(scale=cal.scale, calibration=cal.as_dict())
+            cfg = PortConfig.build(cfg, dict(scale=cal.scale, calibration=cal.as_dict()))
         if as_adapter:
             p = read_patch(patch_res.path, verify=not no_verify)
-            result = core.port_adapter(p, target, out, progress=progress, **common)
+            result = core.port_adapter(p, target, out, cfg, progress=progress)
         else:
             # given the directory, core starts copying while it reads and verifies the factors
-            result = core.port_merged(patch_res.path, target, out, progress=progress,
-                                      verify_patch=not no_verify, **common)
+            result = core.port_merged(patch_res.path, target, out, cfg, progress=progress)
     result.warnings = cal_warnings + list(result.warnings)
     for w in result.warnings:
         o.warn(w)
@@ -362,8 +364,7 @@ def _resolve_target(to: str, revision: str | None, gguf_file: str | None, *, pro
     return dataclasses.replace(target, path=found) if found is not None else target
 
 
-def _port_gguf(o, patch_res, target, out, *, as_adapter, format_, scale, overwrite, verify, no_verify, allow_pickle,
-               merged_type, lora_type, push_to_hub, base=None) -> None:
+def _port_gguf(o, patch_res, target, out, cfg, *, as_adapter, format_, merged_type, lora_type, push_to_hub) -> None:
     from pathlib import Path
 
     from portllm_cli.core import gguf_port
@@ -380,15 +381,13 @@ def _port_gguf(o, patch_res, target, out, *, as_adapter, format_, scale, overwri
     from portllm_cli.core.plan import prepare_patch
 
     # PiSSA / OLoRA saved unconverted become their plain change first; other variants are refused there
-    p, _ = prepare_patch(read_patch(patch_res.path, verify=not no_verify), base=base, allow_pickle=allow_pickle)
-    common = dict(scale=scale, overwrite=overwrite, verify=verify, patch_source=patch_res)
+    p, _ = prepare_patch(read_patch(patch_res.path, verify=cfg.verify_patch), base=cfg.base,
+                         allow_pickle=cfg.allow_pickle)
     with o.progress() as progress:
         if as_adapter:
-            result = gguf_port.port_gguf_adapter(p, target, Path(out), factor_type=lora_type, allow_pickle=allow_pickle,
-                                                 progress=progress, **common)
+            result = gguf_port.port_gguf_adapter(p, target, Path(out), cfg, factor_type=lora_type, progress=progress)
         else:
-            result = gguf_port.port_gguf_merged(p, target, Path(out), merged_type=merged_type, progress=progress,
-                                                **common)
+            result = gguf_port.port_gguf_merged(p, target, Path(out), cfg, merged_type=merged_type, progress=progress)
     for w in result.warnings:
         o.warn(w)
     if as_adapter:

@@ -64,13 +64,18 @@ def check_compatibility(patch: Patch, ckpt: Checkpoint, layout: "Layout | None" 
     loc = locate(patch, layout)
     errors += loc.errors
     warnings = list(loc.warnings)
+    check_vocabulary(patch, text_config(ckpt.config).get("vocab_size"), errors, warnings)
+    return CompatReport(not errors, errors, warnings, loc.key_map, loc)
+
+
+def check_vocabulary(patch: Patch, model_vocab: int | None, errors: list[str], warnings: list[str]) -> None:
+    """A vocabulary that changed since the patch's base: an error when the patch adapts embeddings,
+    else a warning (the rule every target, safetensors or GGUF, is checked by)."""
     fp = ((patch.manifest.get("base") or {}).get("fingerprint")) or {}
     p_vocab = fp.get("vocab_size")
-    m_vocab = text_config(ckpt.config).get("vocab_size")
-    if p_vocab and m_vocab and p_vocab != m_vocab:
-        msg = f"vocabulary size changed: {p_vocab} in the patch's base, {m_vocab} in the model"
+    if p_vocab and model_vocab and p_vocab != model_vocab:
+        msg = f"vocabulary size changed: {p_vocab} in the patch's base, {model_vocab} in the model"
         if patch.touches_embeddings():
             errors.append(msg + " (the patch adapts embeddings)")
         else:
             warnings.append(msg + "; the patch does not touch embeddings, so it still applies")
-    return CompatReport(not errors, errors, warnings, loc.key_map, loc)

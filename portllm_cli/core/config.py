@@ -1,4 +1,4 @@
-"""The settings of `portllm finetune` and `portllm eval`, each written once.
+"""The settings of `portllm finetune`, `portllm eval` and `portllm port`, each written once.
 
 A frozen dataclass per command, as lm-eval's ``EvaluatorConfig``: every setting is a field with its
 default here; the command line builds the object once from its options (``from_options`` picks
@@ -174,3 +174,46 @@ class EvalConfig(_Config):
         if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
             raise UsageError(f"--num-fewshot must be 0 or more, got {shots!r}")
         self.batch  # noqa: B018  (raises on a bad --batch-size)
+
+
+# float32 bytes of one merge block in a port: small enough that the block, its delta and its stored
+# rows stay in the CPU's caches between the read, the arithmetic and the write, large enough that
+# each pread and pwrite moves a megabyte or more. The bits do not depend on it (core.merge).
+PORT_BLOCK_BYTES = 4 << 20
+DORA_POLICIES = ("absolute", "relative")
+WHOLE_POLICIES = ("delta", "copy")
+
+
+def check_scale(scale: Any) -> float:
+    """--scale multiplies the patch's own alpha/r: finite and non-zero; negative subtracts it."""
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise UsageError(f"--scale must be a finite number, got {scale!r}")
+    if scale == 0:
+        raise UsageError("--scale 0 would write the target unchanged", hint="use a non-zero --scale, or copy the model")
+    return float(scale)
+
+
+@dataclass(frozen=True)
+class PortConfig(_Config):
+    """How `portllm port` writes (merged, adapter, GGUF): what is merged and how, and the checks."""
+
+    scale: float = 1.0  # on top of each module's alpha/r (--scale, or the calibrated value)
+    dora: str = "absolute"  # --dora: the trained magnitudes (PEFT), or rescaled by ||W_new|| / ||W_old||
+    modules_to_save: str = "delta"  # whole tensors: new + (saved - old base), or PEFT's copy
+    base: Any = None  # the old base (a resolved model), when given with --base
+    overwrite: bool = False
+    verify: bool = False  # reread and check every written byte
+    verify_patch: bool = True  # the patch's sha256 against its manifest (--no-verify turns it off)
+    allow_pickle: bool = False
+    patch_source: Any = None  # where the patch came from (a resolved spec), for the records
+    calibration: Mapping[str, Any] | None = None  # core.calibrate's record of how `scale` was chosen
+    block_bytes: int = PORT_BLOCK_BYTES
+
+    def validate(self) -> None:
+        check_scale(self.scale)
+        if self.dora not in DORA_POLICIES:
+            raise UsageError(f"--dora must be one of {', '.join(DORA_POLICIES)}, got {self.dora!r}")
+        if self.modules_to_save not in WHOLE_POLICIES:
+            raise UsageError(f"--modules-to-save must be one of {', '.join(WHOLE_POLICIES)}, got {self.modules_to_save!r}")
+        if not isinstance(self.block_bytes, int) or self.block_bytes < 1:
+            raise UsageError(f"block_bytes must be a positive integer, got {self.block_bytes!r}")

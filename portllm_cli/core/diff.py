@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from portllm_cli.core.compat import CompatReport, check_compatibility, weight_key_for
 from portllm_cli.core.progress import ProgressFn
@@ -104,6 +104,23 @@ def _cosine(dot: float, aa: float, bb: float) -> float | None:
 
 
 # -- model vs model ----------------------------------------------------------------------------
+def pooled_layers(rows: list[Any], pool: Callable[[list[Any], str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with a ``layer`` grouped per layer (in layer order), each group pooled, with its layer."""
+    by: dict[int, list[Any]] = {}
+    for r in rows:
+        if r.layer is not None:
+            by.setdefault(r.layer, []).append(r)
+    return [dict(pool(by[k], str(k)), layer=k) for k in sorted(by)]
+
+
+def pooled_kinds(rows: list[Any], pool: Callable[[list[Any], str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with a ``kind`` grouped per module kind (in KINDS order), each group pooled."""
+    by: dict[str, list[Any]] = {}
+    for r in rows:
+        by.setdefault(r.kind, []).append(r)
+    return [pool(by[k], k) for k in KINDS if k in by]
+
+
 @dataclass
 class TensorDiff:
     """One tensor present in both models with the same shape; sums are float64 reductions."""
@@ -655,18 +672,11 @@ class PatchDiff:
 
     @property
     def layers(self) -> list[dict[str, Any]]:
-        by: dict[int, list[ModuleDiff]] = {}
-        for m in self.modules:
-            if m.layer is not None:
-                by.setdefault(m.layer, []).append(m)
-        return [dict(self._pool(by[k], str(k)), layer=k) for k in sorted(by)]
+        return pooled_layers(self.modules, self._pool)
 
     @property
     def kinds(self) -> list[dict[str, Any]]:
-        by: dict[str, list[ModuleDiff]] = {}
-        for m in self.modules:
-            by.setdefault(m.kind, []).append(m)
-        return [self._pool(by[k], k) for k in KINDS if k in by]
+        return pooled_kinds(self.modules, self._pool)
 
     @property
     def identical(self) -> bool:
@@ -877,18 +887,11 @@ class DriftReport:
 
     @property
     def layers(self) -> list[dict[str, Any]]:
-        by: dict[int, list[ModuleDrift]] = {}
-        for m in self.modules:
-            if m.layer is not None:
-                by.setdefault(m.layer, []).append(m)
-        return [dict(_pool_drift(by[k], str(k)), layer=k) for k in sorted(by)]
+        return pooled_layers(self.modules, _pool_drift)
 
     @property
     def kinds(self) -> list[dict[str, Any]]:
-        by: dict[str, list[ModuleDrift]] = {}
-        for m in self.modules:
-            by.setdefault(m.kind, []).append(m)
-        return [_pool_drift(by[k], k) for k in KINDS if k in by]
+        return pooled_kinds(self.modules, _pool_drift)
 
     def largest(self, n: int | None = None) -> list[ModuleDrift]:
         """Modules where the drift is largest next to the patch (smallest patch/drift) first."""

@@ -26,17 +26,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from portllm_cli import __version__
-from portllm_cli.core.compat import CompatReport
-from portllm_cli.core.progress import ProgressFn, no_progress
+from portllm_cli.core.compat import CompatReport, check_vocabulary
+from portllm_cli.core.config import PortConfig
+from portllm_cli.core.progress import ProgressFn, counter, no_progress
 from portllm_cli.errors import IntegrityError, InvalidInputError, UnsupportedError, UsageError
 from portllm_cli.io import gguf as gio
+from portllm_cli.io.shards import copy_range, pwrite_all
 from portllm_cli.patch.format import LoraModule, Patch, now_iso
 
 if TYPE_CHECKING:
@@ -221,15 +222,8 @@ def check_fit(patch: Patch, model: gio.GgufModel, display: str) -> tuple[CompatR
                           f"the model has {tuple(t.shape)} ({key})")
             continue
         key_map[module] = key
-    p_vocab = fp.get("vocab_size")
     emb = model.locations.get("token_embd.weight")
-    m_vocab = emb[1].shape[0] if emb else model.arch_int("vocab_size")
-    if p_vocab and m_vocab and p_vocab != m_vocab:
-        msg = f"vocabulary size changed: {p_vocab} in the patch's base, {m_vocab} in the model"
-        if patch.touches_embeddings():
-            errors.append(msg + " (the patch adapts embeddings)")
-        else:
-            warnings.append(msg + "; the patch does not touch embeddings, so it still applies")
+    check_vocabulary(patch, emb[1].shape[0] if emb else model.arch_int("vocab_size"), errors, warnings)
     return CompatReport(not errors, errors, warnings, key_map), tgt
 
 
@@ -354,7 +348,7 @@ def merge_tensor_to(
         m = merged.numpy()
         n = m.shape[0]
         data = quantize_rows(m, out_tid)
-        gio.pwrite_all(out_fd, data, out_begin + r0 * out_row)
+        pwrite_all(out_fd, data, out_begin + r0 * out_row)
         back = dequantize_rows(bytearray(data), gio.GgufTensor("", out_tid, "", (n, cols), 0, len(data), 0), n)
         surv.add(held.pop(r0), m, back)
         tick(t.row_bytes * n)
@@ -456,37 +450,26 @@ def port_gguf_merged(
     patch: Patch,
     target: "Resolved",
     out: Path,
+    config: PortConfig | None = None,
     *,
     merged_type: str = "auto",
-    scale: float = 1.0,
-    overwrite: bool = False,
-    verify: bool = False,
     progress: ProgressFn | None = None,
-    patch_source: "Resolved | None" = None,
+    **overrides: Any,
 ) -> GgufPortResult:
-    """Write the GGUF target with the patch merged (see the module docstring)."""
-    from portllm_cli.core.port import check_scale
+    """Write the GGUF target with the patch merged (see the module docstring). ``config`` is the
+    port's (``core.config.PortConfig``: scale, overwrite, verify, patch_source), ``overrides`` its fields."""
     from portllm_cli.io.atomic import atomic_output_dir
 
     t0 = time.monotonic()
-    scale = check_scale(scale)
+    cfg = PortConfig.build(config, overrides)
+    scale, overwrite, verify, patch_source = cfg.scale, cfg.overwrite, cfg.verify, cfg.patch_source
     progress = progress or no_progress
     model = open_target(target.path)
     display = target.display
     report, tgt, out_types = plan_merged(patch, model, display, merged_type)
     by_key = {key: module for module, key in report.key_map.items()}
     plans = [_plan_file(f, {k: v for k, v in out_types.items() if k in f.tensors}) for f in model.files]
-    total = model.total_bytes()
-    done = 0
-    lock = threading.Lock()
-
-    def tick(n: int) -> None:
-        nonlocal done
-        with lock:
-            done += n
-            progress("port", done, total)
-
-    progress("port", 0, total)
+    tick = counter(progress, "port", model.total_bytes())
     rows: list[dict[str, Any]] = []
     warnings = list(patch.warnings) + list(report.warnings)
     with atomic_output_dir(out, overwrite=overwrite, inputs=tuple({target.path, patch.path})) as tmp:
@@ -531,16 +514,16 @@ def _write_merged_file(fp: _FilePlan, dst: Path, by_key: dict[str, str], patch: 
             # unchanged layout: every byte outside the targeted tensors is copied as it is
             cursor = 0
             for t in sorted((f.tensors[k] for k in by_key if k in f.tensors), key=lambda t: t.begin):
-                gio.copy_span(sfd, ofd, cursor, cursor, t.begin - cursor)
+                copy_range(sfd, ofd, cursor, t.begin - cursor, cursor)
                 tick(t.begin - cursor)
                 cursor = t.end
-            gio.copy_span(sfd, ofd, cursor, cursor, f.file_size - cursor)
+            copy_range(sfd, ofd, cursor, f.file_size - cursor, cursor)
             tick(f.file_size - cursor)
         else:
-            gio.pwrite_all(ofd, fp.header, 0)
+            pwrite_all(ofd, fp.header, 0)
             for name, t in f.tensors.items():
                 if name not in by_key:
-                    gio.copy_span(sfd, ofd, t.begin, fp.begins[name], t.nbytes)
+                    copy_range(sfd, ofd, t.begin, t.nbytes, fp.begins[name])
                     tick(t.nbytes)
         specs = {s.name: s for s in fp.specs}
         for name, t in f.tensors.items():
@@ -701,21 +684,20 @@ def port_gguf_adapter(
     patch: Patch,
     target: "Resolved",
     out: Path,
+    config: PortConfig | None = None,
     *,
     factor_type: str = "f32",
-    scale: float = 1.0,
-    overwrite: bool = False,
-    verify: bool = False,
-    allow_pickle: bool = False,
     progress: ProgressFn | None = None,
-    patch_source: "Resolved | None" = None,
+    **overrides: Any,
 ) -> GgufPortResult:
-    """Write the patch as a GGUF LoRA adapter for TARGET (a GGUF file or a safetensors model)."""
-    from portllm_cli.core.port import check_scale
+    """Write the patch as a GGUF LoRA adapter for TARGET (a GGUF file or a safetensors model).
+    ``config`` is the port's (``core.config.PortConfig``), ``overrides`` its fields."""
     from portllm_cli.io.atomic import atomic_output_dir
 
     t0 = time.monotonic()
-    scale = check_scale(scale)
+    cfg = PortConfig.build(config, overrides)
+    scale, overwrite, verify, patch_source = cfg.scale, cfg.overwrite, cfg.verify, cfg.patch_source
+    allow_pickle = cfg.allow_pickle
     if factor_type not in ADAPTER_TYPES:
         raise UsageError(f"--gguf-lora-type {factor_type!r}: expected one of {', '.join(ADAPTER_TYPES)}")
     progress = progress or no_progress

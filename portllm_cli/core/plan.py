@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from portllm_cli.core.layout import Layout, Placement
 from portllm_cli.errors import IncompatibleError, NotFoundError, PortllmError, UnsupportedError, UsageError
 from portllm_cli.io.checkpoint import text_config
+from portllm_cli.core.config import PortConfig
 from portllm_cli.patch.format import PEFT_PREFIX, FactorRef, LoraModule, Patch, peft_key
 
 if TYPE_CHECKING:
@@ -36,23 +37,24 @@ if TYPE_CHECKING:
 
     from portllm_cli.io.checkpoint import Checkpoint
 
-DORA_POLICIES = ("absolute", "relative")
-WHOLE_POLICIES = ("delta", "copy")
 BASE_HINT = "pass --base OLD_BASE (the model the adapter was trained on)"
 
 
 @dataclass
 class Policy:
+    """What a plan merges, from the port's settings (``core.config.PortConfig``, which checks them)."""
+
     scale: float = 1.0  # --scale: on top of each module's alpha/r
     dora: str = "absolute"  # --dora: the old magnitudes m (PEFT), or m * ||W'|| / ||W_old||
     whole: str = "delta"  # --modules-to-save: new + (saved - old), or saved (PEFT's overwrite)
 
     def check(self) -> "Policy":
-        if self.dora not in DORA_POLICIES:
-            raise UsageError(f"--dora must be one of {', '.join(DORA_POLICIES)}, got {self.dora!r}")
-        if self.whole not in WHOLE_POLICIES:
-            raise UsageError(f"--modules-to-save must be one of {', '.join(WHOLE_POLICIES)}, got {self.whole!r}")
+        PortConfig(scale=self.scale, dora=self.dora, modules_to_save=self.whole).validate()
         return self
+
+    @classmethod
+    def of(cls, config: PortConfig) -> "Policy":
+        return cls(config.scale, config.dora, config.modules_to_save)
 
 
 @dataclass

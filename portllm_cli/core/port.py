@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from portllm_cli import __version__
 from portllm_cli.core.compat import CompatReport, check_compatibility
+from portllm_cli.core.config import PORT_BLOCK_BYTES, PortConfig
 from portllm_cli.core.merge import Edit, Workspace, block_rows, merge_stream, merge_tensor
-from portllm_cli.core.progress import ProgressFn, no_progress
-from portllm_cli.errors import IncompatibleError, IntegrityError, PortllmError, UnsupportedError, UsageError
+from portllm_cli.core.progress import ProgressFn, counter, no_progress
+from portllm_cli.errors import IncompatibleError, IntegrityError, PortllmError, UnsupportedError
 from portllm_cli.io.atomic import atomic_output_dir, copy_file
 from portllm_cli.io.checkpoint import SAFE_INDEX, SAFE_SINGLE, Checkpoint
 from portllm_cli.io.safetensors import (
@@ -123,15 +124,6 @@ class PortResult:
 
 # -- the merge itself lives in core/merge.py; ``merge_tensor`` (imported here) is the per-tensor
 # hook tests/slow_port.py wraps; what is merged into which tensor is core/plan.py.
-def check_scale(scale: float) -> float:
-    """--scale multiplies the patch's own alpha/r: finite and non-zero; negative subtracts it."""
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise UsageError(f"--scale must be a finite number, got {scale!r}")
-    if scale == 0:
-        raise UsageError("--scale 0 would write the target unchanged", hint="use a non-zero --scale, or copy the model")
-    return float(scale)
-
-
 # -- checks before anything is written -------------------------------------------------------
 @dataclass
 class PortPlan:
@@ -246,12 +238,6 @@ class _torch_threads:
 
 
 # -- merged output ----------------------------------------------------------------------------
-# float32 bytes of one merge block in a port: small enough that the block, its delta and its stored
-# rows stay in the CPU's caches between the read, the arithmetic and the write, large enough that
-# each pread and pwrite moves a megabyte or more. The bits do not depend on it (core.merge).
-PORT_BLOCK_BYTES = 4 << 20
-
-
 @dataclass
 class _Target:
     """One stored tensor to merge, and its edits (``core.plan``'s), whose factors a lazily read
@@ -463,15 +449,11 @@ def _verify_shards(plan: PortPlan, tmp: Path, progress: ProgressFn, block_bytes:
 
     ckpt = plan.ckpt
     targets = _targets(plan)
-    done = 0
-    lock = threading.Lock()
+    tick = counter(progress, "verify", len(ckpt.files))
 
     def one(f: Path) -> None:
-        nonlocal done
         _verify_safetensors_shard(f, tmp / f.name, targets.get(f, []), block_bytes)
-        with lock:
-            done += 1
-            progress("verify", done, len(ckpt.files))
+        tick(1)
 
     with _torch_threads():
         pool = ThreadPoolExecutor(max_workers=MERGE_WORKERS, thread_name_prefix="portllm-verify")
@@ -528,19 +510,10 @@ def port_merged(
     patch: "Patch | str | os.PathLike[str]",
     target: Resolved,
     out: Path,
+    config: PortConfig | None = None,
     *,
-    scale: float = 1.0,
-    overwrite: bool = False,
-    verify: bool = False,
-    allow_pickle: bool = False,
     progress: ProgressFn | None = None,
-    patch_source: Resolved | None = None,
-    verify_patch: bool = True,
-    calibration: dict[str, Any] | None = None,
-    dora: str = "absolute",
-    modules_to_save: str = "delta",
-    base: Resolved | None = None,
-    block_bytes: int = PORT_BLOCK_BYTES,
+    **overrides: Any,
 ) -> PortResult:
     """Write TARGET with PATCH merged into OUT; see the module docstring for how.
 
@@ -552,35 +525,34 @@ def port_merged(
     reading the whole patch first, so errors and their order are those of ``read_patch`` then
     the check.
 
-    ``dora``, ``modules_to_save``: the policies of ``core.plan.Policy``; ``base``: the model the
-    patch was trained on (else the one it records), needed for PiSSA/OLoRA, whole tensors ported
-    as a change, and ``dora="relative"`` without recorded norms.
+    ``config`` (``core.config.PortConfig``) holds every setting; keyword ``overrides`` replace single
+    fields (``port_merged(p, t, out, scale=0.5, verify=True)``). Its ``dora`` and
+    ``modules_to_save`` are the policies of ``core.plan.Policy``; ``base`` the model the patch was
+    trained on (else the one it records), needed for PiSSA/OLoRA, whole tensors ported as a change,
+    and ``dora="relative"`` without recorded norms.
 
     A patch directory of plain LoRA is read lazily (``read_patch(lazy=True)``): its file is scanned
     once, and each module's factors are read when its tensor is merged. ``block_bytes`` is the
     float32 size of one merge block (the bits do not depend on it).
     """
+    cfg = PortConfig.build(config, overrides)
     opened: list[Patch] = []  # lazily read patches keep their file open until the port ends
     try:
-        return _port_merged(patch, target, out, scale=scale, overwrite=overwrite, verify=verify,
-                            allow_pickle=allow_pickle, progress=progress, patch_source=patch_source,
-                            verify_patch=verify_patch, calibration=calibration, dora=dora,
-                            modules_to_save=modules_to_save, base=base, block_bytes=block_bytes, opened=opened)
+        return _port_merged(patch, target, Path(out), cfg, progress or no_progress, opened)
     finally:
         for p in opened:
             p.close()
 
 
 def _port_merged(
-    patch: "Patch | str | os.PathLike[str]", target: Resolved, out: Path, *, scale: float, overwrite: bool,
-    verify: bool, allow_pickle: bool, progress: ProgressFn | None, patch_source: Resolved | None,
-    verify_patch: bool, calibration: dict[str, Any] | None, dora: str, modules_to_save: str,
-    base: Resolved | None, block_bytes: int, opened: list[Patch],
+    patch: "Patch | str | os.PathLike[str]", target: Resolved, out: Path, cfg: PortConfig, progress: ProgressFn,
+    opened: list[Patch],
 ) -> PortResult:
     t0 = time.monotonic()
-    scale = check_scale(scale)
-    policy = Policy(scale, dora, modules_to_save).check()
-    progress = progress or no_progress
+    scale, overwrite, verify, allow_pickle = cfg.scale, cfg.overwrite, cfg.verify, cfg.allow_pickle
+    verify_patch, base, block_bytes, patch_source = cfg.verify_patch, cfg.base, cfg.block_bytes, cfg.patch_source
+    calibration = dict(cfg.calibration) if cfg.calibration is not None else None
+    policy = Policy.of(cfg)
     load = None
     old: OldBase | None = None
     if not isinstance(patch, Patch):
@@ -611,18 +583,7 @@ def _port_merged(
         plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True, policy=policy, old=old)
     ckpt = plan.ckpt
     out = Path(out)
-    total = ckpt.total_bytes()
-    done = 0
-
-    lock = threading.Lock()  # ticks come from the copy thread too
-
-    def tick(n: int) -> None:
-        nonlocal done
-        with lock:
-            done += n
-            progress("port", done, total)
-
-    progress("port", 0, total)
+    tick = counter(progress, "port", ckpt.total_bytes())  # ticks come from the copy threads too
     inputs = (target.path, patch.path) + ((old.ckpt.root,) if old is not None else ())
     with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         if ckpt.is_pickle:
@@ -689,17 +650,10 @@ def port_adapter(
     patch: Patch,
     target: Resolved,
     out: Path,
+    config: PortConfig | None = None,
     *,
-    scale: float = 1.0,
-    overwrite: bool = False,
-    verify: bool = False,
-    allow_pickle: bool = False,
     progress: ProgressFn | None = None,
-    patch_source: Resolved | None = None,
-    calibration: dict[str, Any] | None = None,
-    dora: str = "absolute",
-    modules_to_save: str = "delta",
-    base: Resolved | None = None,
+    **overrides: Any,
 ) -> PortResult:
     """Write PATCH retargeted to TARGET, for PEFT to load on it.
 
@@ -717,10 +671,12 @@ def port_adapter(
     from portllm_cli.core.plan import feature_norms
 
     t0 = time.monotonic()
-    scale = check_scale(scale)
-    policy = Policy(scale, dora, modules_to_save).check()
+    cfg = PortConfig.build(config, overrides)
+    scale, overwrite, verify, allow_pickle, patch_source = cfg.scale, cfg.overwrite, cfg.verify, cfg.allow_pickle, cfg.patch_source
+    calibration = dict(cfg.calibration) if cfg.calibration is not None else None
+    policy = Policy.of(cfg)
     progress = progress or no_progress
-    patch, old = prepare_patch(patch, policy=policy, base=base, allow_pickle=allow_pickle)
+    patch, old = prepare_patch(patch, policy=policy, base=cfg.base, allow_pickle=allow_pickle)
     ckpt = Checkpoint.open(target.path, allow_pickle=allow_pickle)
     try:
         layout = Layout.of(ckpt)

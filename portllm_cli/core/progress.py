@@ -15,6 +15,24 @@ def no_progress(label: str, completed: float, total: float | None) -> None:
     return None
 
 
+def counter(progress: ProgressFn, label: str, total: float | None) -> Callable[[float], None]:
+    """tick(n): add n to a running count and report it as ``label`` of ``total``; safe to call
+    from several threads (a port's copy and merge workers tick side by side). Reports 0 at once."""
+    import threading
+
+    lock = threading.Lock()
+    done = 0.0
+
+    def tick(n: float) -> None:
+        nonlocal done
+        with lock:
+            done += n
+            progress(label, done, total)
+
+    progress(label, 0, total)
+    return tick
+
+
 def silenced_tqdm(bar: type) -> type:
     """A subclass of the tqdm class ``bar`` that never draws, for libraries that pass disable=False
     (or draw whatever their settings say). A class, so that code importing it meanwhile may still

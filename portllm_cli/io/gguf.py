@@ -430,34 +430,6 @@ def read_rows(fd: int, t: GgufTensor, r0: int, r1: int, where: Path) -> bytearra
     return pread_exact(fd, (r1 - r0) * rb, t.begin + r0 * rb, where)
 
 
-def pwrite_all(fd: int, data: Any, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise OSError(f"short write at offset {offset + done}")
-        done += n
-
-
-def copy_span(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int, step: int = 64 << 20) -> None:
-    """Copy bytes between files in the kernel where possible (no user-space copy of the data)."""
-    done = 0
-    while done < n:
-        k = min(step, n - done)
-        try:
-            w = os.copy_file_range(src_fd, dst_fd, k, src_off + done, dst_off + done)
-        except OSError:
-            w = 0
-        if w <= 0:  # not supported here, or a short copy: fall back to pread/pwrite
-            data = os.pread(src_fd, k, src_off + done)
-            if not data:
-                raise IntegrityError(f"source file shrank while copying (byte {src_off + done})")
-            pwrite_all(dst_fd, data, dst_off + done)
-            w = len(data)
-        done += w
-
-
 def encode_string(s: str) -> bytes:
     raw = s.encode("utf-8")
     return struct.pack("<Q", len(raw)) + raw

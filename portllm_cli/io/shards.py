@@ -49,20 +49,22 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += n
 
 
-def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Copy bytes between two open files at the same offset, in the kernel where possible."""
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int | None = None) -> None:
+    """Copy ``length`` bytes from ``offset`` of one open file to ``dst_offset`` (default: the same
+    offset) of another, in the kernel where possible (no user-space copy of the data)."""
+    dst_offset = offset if dst_offset is None else dst_offset
     done = 0
     while done < length:
         n = min(COPY_CHUNK, length - done)
         try:
-            moved = os.copy_file_range(src_fd, dst_fd, n, offset + done, offset + done)
+            moved = os.copy_file_range(src_fd, dst_fd, n, offset + done, dst_offset + done)
         except (AttributeError, OSError) as exc:  # no copy_file_range (macOS), or not between these files
             if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
                 raise
             data = os.pread(src_fd, n, offset + done)
             if not data:
                 raise IntegrityError("source file ended early while copying") from None
-            pwrite_all(dst_fd, memoryview(data), offset + done)
+            pwrite_all(dst_fd, memoryview(data), dst_offset + done)
             moved = len(data)
         if moved == 0:
             raise IntegrityError("source file ended early while copying")

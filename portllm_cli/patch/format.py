@@ -826,7 +826,7 @@ def _read_patch(path: Path, *, verify: bool, lazy: bool = False) -> Patch:
             )
 
     source = None
-    if lazy and is_plain_lora(cfg):  # a variant's parts (norms, whole tensors, experts) are read whole
+    if lazy and _config_is_plain(cfg):  # a variant's parts (norms, whole tensors, experts) are read whole
         try:
             source = ScannedFile.scan(weights)
         except PortllmError as exc:  # a bad header: a tampered file is still reported as one
@@ -853,7 +853,7 @@ def _read_patch(path: Path, *, verify: bool, lazy: bool = False) -> Patch:
     return Patch(path, cfg, manifest, modules, warnings, full, tokens, source=source)
 
 
-def is_plain_lora(cfg: dict[str, Any]) -> bool:
+def _config_is_plain(cfg: dict[str, Any]) -> bool:
     """Only low-rank factors, merged as W + s*B@A: no DoRA, biases, whole tensors, token rows,
     raw-parameter (expert) factors or an init that needs the old base."""
     return (
