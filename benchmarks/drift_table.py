@@ -190,13 +190,15 @@ def _sha(path: str) -> str:
     return sha256_file(Path(path))[:16]
 
 
-def _train_lora(model: Path, out: Path, data: str, sc: dict[str, Any], seed: int, device: str) -> dict[str, Any]:
+def _train_lora(model: Path, out: Path, data: str, sc: dict[str, Any], seed: int, device: str,
+                use_dora: bool = False) -> dict[str, Any]:
     from portllm_cli.core.train import finetune
 
     t = time.perf_counter()
     r = finetune(str(model), "sst2", out, data=Path(data), epochs=sc["lora_epochs"], batch_size=sc["lora_batch"],
                  max_length=sc["lora_max_length"], lr=sc["lora_lr"], seed=seed, device=device, rank=LORA["rank"],
-                 alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA["target_modules"], overwrite=True)
+                 alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA["target_modules"],
+                 use_dora=use_dora, overwrite=True)
     return {**r.summary(), "stage_s": time.perf_counter() - t}
 
 
@@ -247,12 +249,41 @@ def base_scores(seed: int, base: Path, patch_base: Path, mat: dict[str, Any], sc
     return cached_json(work / f"eval-base-s{seed}-{_key(str(base), patch_base.name, _sha(mat['test']))}.json", make)
 
 
+def evolved_dir(evo: dict[str, Any], seed: int, base: Path, mat: dict[str, Any], sc: dict[str, Any], work: Path,
+                device: str) -> Path:
+    """Where the (evolution, seed) model lives: one name for every experiment sharing --workdir."""
+    corpus = mat["corpora"][evo["corpus"]]
+    return work / f"evolved-{evo['name']}-s{seed}-" \
+                  f"{_key(str(base), _sha(corpus), evo['steps'], evo['lr'], sc['cpt_batch'], sc['cpt_seq'], device)}"
+
+
+def evolve(evo: dict[str, Any], seed: int, base: Path, mat: dict[str, Any], sc: dict[str, Any], work: Path,
+           device: str) -> dict[str, Any]:
+    """The (evolution, seed) model on disk (made by continued pretraining unless it is there) and
+    the record of its making (cached next to it)."""
+    from portllm_cli.core.train import continued_pretraining
+
+    evolved = evolved_dir(evo, seed, base, mat, sc, work, device)
+    corpus = mat["corpora"][evo["corpus"]]
+
+    def train_cpt() -> dict[str, Any]:
+        log(f"{evo['name']} seed {seed}: continued pretraining, {evo['steps']} steps at lr {evo['lr']:g} -> {evolved.name}")
+        t = time.perf_counter()
+        r = continued_pretraining(str(base), Path(corpus), evolved, lr=evo["lr"], max_steps=evo["steps"],
+                                  batch_size=sc["cpt_batch"], max_length=sc["cpt_seq"], seed=seed, device=device,
+                                  overwrite=True)
+        return {**r.summary(), "stage_s": time.perf_counter() - t}
+
+    record = work / f"{evolved.name}.result.json"
+    if record.exists() and not evolved.is_dir():  # the JSON outlived its model (deleted): make it again
+        record.unlink()
+    return cached_json(record, train_cpt)
+
+
 def run_one(evo: dict[str, Any], seed: int, base: Path, patch_base: Path, mat: dict[str, Any], sc: dict[str, Any],
             work: Path, device: str, grid: list[float], keep_models: bool) -> dict[str, Any]:
     """One (evolution, seed): evolve, retrain, diff, calibrate, evaluate. Cached as one JSON."""
-    corpus = mat["corpora"][evo["corpus"]]
-    evolved = work / f"evolved-{evo['name']}-s{seed}-" \
-                     f"{_key(str(base), _sha(corpus), evo['steps'], evo['lr'], sc['cpt_batch'], sc['cpt_seq'], device)}"
+    evolved = evolved_dir(evo, seed, base, mat, sc, work, device)
     lora_key = _key(_sha(mat["train"]), sc["lora_epochs"], sc["lora_batch"], sc["lora_max_length"], sc["lora_lr"],
                     LORA, device)
     patch_evo = work / f"patch-{evolved.name}-{lora_key}"
@@ -261,23 +292,10 @@ def run_one(evo: dict[str, Any], seed: int, base: Path, patch_base: Path, mat: d
     def make() -> dict[str, Any]:
         from portllm_cli.core.calibrate import ScaledPatch, calibrate_loaded, load_data
         from portllm_cli.core.diff import diff_paths
-        from portllm_cli.core.train import continued_pretraining
         from portllm_cli.patch.format import read_patch
 
         stages: dict[str, float] = {}
-
-        def train_cpt() -> dict[str, Any]:
-            log(f"{evo['name']} seed {seed}: continued pretraining, {evo['steps']} steps at lr {evo['lr']:g} -> {evolved.name}")
-            t = time.perf_counter()
-            r = continued_pretraining(str(base), Path(corpus), evolved, lr=evo["lr"], max_steps=evo["steps"],
-                                      batch_size=sc["cpt_batch"], max_length=sc["cpt_seq"], seed=seed, device=device,
-                                      overwrite=True)
-            return {**r.summary(), "stage_s": time.perf_counter() - t}
-
-        cpt = cached_json(work / f"{evolved.name}.result.json", train_cpt)
-        if not evolved.is_dir():  # the JSON outlived its model (deleted by hand): make it again
-            (work / f"{evolved.name}.result.json").unlink()
-            cpt = cached_json(work / f"{evolved.name}.result.json", train_cpt)
+        cpt = evolve(evo, seed, base, mat, sc, work, device)
         stages["continued_pretraining"] = cpt["stage_s"]
 
         def retrain() -> dict[str, Any]:

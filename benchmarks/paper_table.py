@@ -35,9 +35,17 @@ LoRA, and which `portllm diff` figure predicts how much of the patch survives:
 
 ``--other-corpus FILE`` replaces Jane Austen's novels (the third evolution's text).
 
+``--experiment dora`` (benchmarks/dora_table.py) compares the two readings of a DoRA patch on an
+evolved model, `port --dora absolute` (the trained magnitudes) and `--dora relative` (rescaled by
+||W_new|| / ||W_old||), on the drift experiment's evolutions, data and seeds; its default --workdir is
+the drift experiment's, so that the evolved models (and data splits) are shared:
+
+    python benchmarks/paper_table.py --experiment dora --seeds 0 1 2            # on an idle 2-core CPU: see README
+    python benchmarks/paper_table.py --experiment dora --scale smoke --seeds 0  # the wiring, in minutes
+
 Writes benchmarks/results/paper_table-<scale>-<device>.{md,json} (paper_table-drift-<scale>-<device>
-for the drift experiment); stages are cached under --workdir (default ~/.cache/portllm/paper-table),
-so an interrupted run resumes.
+and paper_table-dora-<scale>-<device> for the other experiments); stages are cached under --workdir
+(default ~/.cache/portllm/paper-table), so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -349,11 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     import drift_table
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--experiment", choices=("table", "drift"), default="table",
-                    help="table: the PortLLM table (default); drift: the drift experiment (drift_table.py)")
+    ap.add_argument("--experiment", choices=("table", "drift", "dora"), default="table",
+                    help="table: the PortLLM table (default); drift: the drift experiment (drift_table.py); "
+                         "dora: port --dora absolute vs relative (dora_table.py)")
     ap.add_argument("--scale", default=None,
                     help=f"table: {', '.join(sorted(SCALES))} (default reference); "
-                         f"drift: {', '.join(drift_table.SCALES)} (default small)")
+                         f"drift, dora: {', '.join(drift_table.SCALES)} (default small)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--workdir", type=Path, default=None)
@@ -364,19 +373,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", type=_existing_file, default=None, metavar="FILE",
                     help="plain text for the continued pretraining (default: the Python 3.11 docs)")
     ap.add_argument("--other-corpus", type=_existing_file, default=None, metavar="FILE",
-                    help="drift: the text of the third evolution (default: Jane Austen's novels)")
+                    help="drift, dora: the text of the third evolution (default: Jane Austen's novels)")
     ap.add_argument("--model", type=Path, default=None, metavar="DIR",
                     help="the base model directory (default: SmolLM2-135M-Instruct from the demo material)")
     ap.add_argument("--calibrate-grid", default=None, metavar="GRID",
                     help="drift: the scales `port --calibrate` tries (default its own grid)")
-    ap.add_argument("--keep-models", action="store_true", help="drift: keep each run's evolved model on disk")
+    ap.add_argument("--keep-models", action="store_true",
+                    help="drift, dora: keep each run's evolved model on disk (dora never deletes one it found there)")
     args = ap.parse_args(argv)
     scales = SCALES if args.experiment == "table" else drift_table.SCALES
     args.scale = args.scale or ("reference" if args.experiment == "table" else "small")
     if args.scale not in scales:
         ap.error(f"--scale {args.scale!r}: choose from {', '.join(scales)} for --experiment {args.experiment}")
     if args.experiment == "table" and (args.other_corpus or args.calibrate_grid or args.keep_models):
-        ap.error("--other-corpus, --calibrate-grid and --keep-models are for --experiment drift")
+        ap.error("--other-corpus, --calibrate-grid and --keep-models are for --experiment drift or dora")
+    if args.experiment == "dora" and args.calibrate_grid:
+        ap.error("--calibrate-grid is for --experiment drift")
 
     from portllm_cli.demo import material
     from portllm_cli.demo.run import _quiet_libraries, head_jsonl
@@ -389,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = scales[args.scale]
     if args.scale == "reference" and not device.startswith("cuda"):
         log("warning: the reference scale on a CPU takes days; use --scale small or medium here")
+    # the dora experiment shares the drift experiment's workdir: the same evolved models and data splits
     work = args.workdir or portllm_home() / "paper-table" / (args.scale if args.experiment == "table"
                                                              else f"drift-{args.scale}")
     work.mkdir(parents=True, exist_ok=True)
@@ -401,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     task_name = f"{args.task_data.name} (sst2 prompt)" if args.task_data else "sentence polarity"
     corpus = args.corpus or material.python_docs_corpus(sc["corpus_bytes"], notify)
     corpus_name = args.corpus.name if args.corpus else "the Python 3.11 docs"
-    if args.experiment == "drift":
+    if args.experiment in ("drift", "dora"):
         return _main_drift(args, sc, device, work, model, model_name, task_name, corpus, corpus_name, notify, t0, argv)
     if args.task_data:
         rows = list(dict.fromkeys(drift_table.read_text_label_jsonl(args.task_data)))
@@ -447,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_drift(args: Any, sc: dict[str, Any], device: str, work: Path, model: Path, model_name: str,
                 task_name: str, corpus: Path, corpus_name: str, notify: Any, t0: float, argv: list[str] | None) -> int:
+    """--experiment drift and dora: the same evolutions, data splits and workdir; different runs."""
     import drift_table
 
     from portllm_cli.core.calibrate import parse_grid
@@ -456,6 +470,7 @@ def _main_drift(args: Any, sc: dict[str, Any], device: str, work: Path, model: P
         grid = parse_grid(args.calibrate_grid)
     except PortllmError as exc:
         raise SystemExit(f"--calibrate-grid: {exc}") from None
+    dora = args.experiment == "dora"
     if args.other_corpus:
         other, other_name = args.other_corpus, args.other_corpus.name
     else:
@@ -464,16 +479,22 @@ def _main_drift(args: Any, sc: dict[str, Any], device: str, work: Path, model: P
         other, other_name = austen_corpus(sc["corpus_bytes"], notify), "Jane Austen's novels"
     data = drift_table.task_splits(work, sc, args.task_data, notify)
     mat = {**data, "corpora": {"corpus": str(corpus), "other": str(other)}}
-    result = drift_table.run_experiment(scale=args.scale, seeds=args.seeds, device=device, work=work, model=model,
-                                        mat=mat, grid=grid, keep_models=args.keep_models)
+    if dora:
+        import dora_table
+
+        result = dora_table.run_experiment(scale=args.scale, seeds=args.seeds, device=device, work=work, model=model,
+                                           mat=mat, keep_models=args.keep_models)
+    else:
+        result = drift_table.run_experiment(scale=args.scale, seeds=args.seeds, device=device, work=work,
+                                            model=model, mat=mat, grid=grid, keep_models=args.keep_models)
     cmd = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     import torch
     import transformers
 
     doc = {
-        "experiment": "drift", "scale": args.scale, "device": device_name(device), "command": cmd.strip(),
+        "experiment": args.experiment, "scale": args.scale, "device": device_name(device), "command": cmd.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": time.perf_counter() - t0,
-        "model_name": model_name, "task_name": task_name, "seeds": args.seeds, "grid": grid,
+        "model_name": model_name, "task_name": task_name, "seeds": args.seeds, **({} if dora else {"grid": grid}),
         "corpora": {"corpus": f"{corpus_name} ({sc['corpus_bytes']:,} bytes)" if not args.corpus else corpus_name,
                     "other": f"{other_name} ({sc['corpus_bytes']:,} bytes)" if not args.other_corpus else other_name},
         "data": {k: data[k] for k in ("n", "task_data")},
@@ -486,9 +507,9 @@ def _main_drift(args: Any, sc: dict[str, Any], device: str, work: Path, model: P
                   else []),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"paper_table-drift-{args.scale}-{'cuda' if device.startswith('cuda') else 'cpu'}"
+    stem = f"paper_table-{args.experiment}-{args.scale}-{'cuda' if device.startswith('cuda') else 'cpu'}"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    md = drift_table.markdown(doc)
+    md = dora_table.markdown(doc) if dora else drift_table.markdown(doc)
     (args.out_dir / f"{stem}.md").write_text(md)
     print(md)
     log(f"wrote {args.out_dir / stem}.md and .json")

@@ -293,6 +293,149 @@ def test_drift_markdown_with_numbers():
         ((0.29 / 0.3 + 0.28 / 0.3) / 2 + (0.25 / 0.3 + 0.26 / 0.3) / 2) / 2)
 
 
+# -- the DoRA experiment (paper_table.py --experiment dora, dora_table.py) --------------------------
+import dora_table  # noqa: E402
+
+
+@pytest.mark.slow
+def test_dora_experiment_smoke_and_resume(drift_material, tmp_path, monkeypatch):
+    """The whole DoRA pipeline on a tiny model (2 evolutions, 1 seed): a DoRA patch with the drift
+    experiment's LoRA recipe; an evolved model left by the drift experiment is used and kept, a missing
+    one made under the drift experiment's name and deleted; the in-memory ports score exactly as the
+    models `portllm port --dora absolute|relative` writes; then again, entirely from the cache."""
+    import hashlib
+
+    from portllm_cli.core.evaluate import evaluate
+    from portllm_cli.core.port import port_merged
+    from portllm_cli.patch.format import read_patch
+    from portllm_cli.resolve import resolve
+
+    small = dict(drift_table.SCALES["smoke"], train=12, calibration=12, test=12,
+                 evolutions=drift_table.SCALES["smoke"]["evolutions"][::2])  # docs and fiction
+    monkeypatch.setitem(drift_table.SCALES, "smoke", small)
+    assert dora_table.SCALES["smoke"] is small  # one table of scales: the evolved models are shared
+    m, work = drift_material, tmp_path / "work"
+    argv = ["--experiment", "dora", "--scale", "smoke", "--seeds", "0", "--model", str(m["model"]),
+            "--task-data", str(m["task"]), "--corpus", str(m["corpus"]), "--other-corpus", str(m["other"]),
+            "--workdir", str(work), "--out-dir", str(tmp_path / "out"), "--device", "cpu"]
+    # the drift experiment run with --keep-models left the docs model (same splits, same name)
+    work.mkdir()
+    mat = {**drift_table.task_splits(work, small, m["task"], None),
+           "corpora": {"corpus": str(m["corpus"]), "other": str(m["other"])}}
+    docs, fiction = small["evolutions"]
+    drift_table.evolve(docs, 0, m["model"], mat, small, work, "cpu")
+    kept = drift_table.evolved_dir(docs, 0, m["model"], mat, small, work, "cpu")
+    kept_sha = hashlib.sha256((kept / "model.safetensors").read_bytes()).hexdigest()
+
+    assert paper_table.main(argv) == 0
+    doc = json.loads((tmp_path / "out" / "paper_table-dora-smoke-cpu.json").read_text())
+    md = (tmp_path / "out" / "paper_table-dora-smoke-cpu.md").read_text()
+    assert doc["experiment"] == "dora" and "grid" not in doc
+    runs = {r["evolution"]["name"]: r for r in doc["runs"]}
+    assert list(runs) == ["docs", "fiction"]
+    assert runs["docs"]["evolved"] == kept.name and runs["docs"]["evolved_made_here"] is False
+    assert hashlib.sha256((kept / "model.safetensors").read_bytes()).hexdigest() == kept_sha  # used, kept
+    made = drift_table.evolved_dir(fiction, 0, m["model"], mat, small, work, "cpu")
+    assert runs["fiction"]["evolved"] == made.name and runs["fiction"]["evolved_made_here"] is True
+    assert not made.exists() and (work / f"{made.name}.result.json").exists()  # made for the run, then deleted
+
+    # the patch is DoRA, trained with the drift experiment's LoRA recipe on the base, and records the norms
+    patch_dir = work / runs["docs"]["patch"]
+    cfg = json.loads((patch_dir / "adapter_config.json").read_text())
+    man = json.loads((patch_dir / "portllm.json").read_text())
+    hp = man["source"]["hyperparameters"]
+    assert cfg["use_dora"] is True and man["dora"]["base_norms"]
+    assert (hp["rank"], hp["alpha"], hp["dropout"], sorted(hp["target_modules"])) == (
+        drift_table.LORA["rank"], drift_table.LORA["alpha"], drift_table.LORA["dropout"],
+        sorted(drift_table.LORA["target_modules"]))
+    assert (hp["epochs"], hp["batch_size"], hp["max_length"], hp["lr"], hp["seed"]) == (
+        small["lora_epochs"], small["lora_batch"], small["lora_max_length"], small["lora_lr"], 0)
+    assert man["source"]["data"]["sha256"] == hashlib.sha256(Path(mat["train"]).read_bytes()).hexdigest()
+
+    # each in-memory port scores exactly as the model `port` writes under that policy (an independent path:
+    # merged to disk, loaded fresh, evaluated by `portllm eval`'s code), sentence by sentence
+    r = runs["docs"]
+    for policy in ("absolute", "relative"):
+        out = tmp_path / f"ported-{policy}"
+        port_merged(read_patch(patch_dir), resolve(str(kept), kind="model"), out, dora=policy)
+        (row,) = evaluate([str(out)], [], ["sst2"], data={"sst2": Path(mat["test"])}, device="cpu",
+                          log_samples_dir=tmp_path / f"samples-{policy}").rows
+        right = "".join("1" if s["acc"] else "0" for s in sorted(row.samples["sst2"], key=lambda s: s["doc_id"]))
+        assert row.scores["sst2"]["value"] == r["accuracy"][policy]
+        assert right == r["scores"][policy]["correct"]
+    for name, r in runs.items():
+        assert set(r["accuracy"]) == {k for k, _ in dora_table.ACC_ROWS}
+        assert r["relative_minus_absolute"] == pytest.approx(r["accuracy"]["relative"] - r["accuracy"]["absolute"])
+        assert all(len(r["scores"][k]["correct"]) == 12 for k, _ in dora_table.ACC_ROWS)
+        assert r["norms"]["modules"] == 2 * 2 and r["norms"]["norm_ratio_mean_abs_dev"] > 0
+    assert "relative − absolute" in md and "Verdict:" in md and doc["device"].startswith("CPU")
+    tables = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert all(ln.endswith("|") for ln in tables)
+    first = tables[: next(i for i, ln in enumerate(tables) if ln.startswith("| evolution |"))]
+    assert len({ln.replace("\\|", "").count("|") for ln in first}) == 1  # every row as wide as its header
+
+    # resume: every stage comes from the cache; nothing is trained or evaluated again
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    import portllm_cli.core.train as train_mod
+
+    monkeypatch.setattr(train_mod, "finetune", boom)
+    monkeypatch.setattr(dora_table, "_score", boom)
+    before = json.dumps(doc["runs"], sort_keys=True)
+    assert paper_table.main(argv) == 0
+    again = json.loads((tmp_path / "out" / "paper_table-dora-smoke-cpu.json").read_text())
+    assert json.dumps(again["runs"], sort_keys=True) == before
+
+
+def test_dora_statistics_and_markdown_with_numbers():
+    """Shares, differences, the paired test (against scipy's exact binomial test) and the verdict rule."""
+    from scipy.stats import binomtest
+
+    for b, c in ((7, 2), (0, 5), (30, 12), (4, 4)):
+        assert dora_table.mcnemar_exact(b, c) == pytest.approx(binomtest(b, b + c, 0.5).pvalue)
+    assert dora_table.mcnemar_exact(0, 0) is None
+    assert dora_table.disagreements("1100", "1010") == (1, 1)
+
+    def run(name, seed, evolved, absolute, relative, only_rel, only_abs):
+        n = 100
+        acc = {"base": 0.6, "base+patch": 0.8, "evolved": evolved, "absolute": absolute, "relative": relative}
+        return {"evolution": {"name": name}, "seed": seed, "accuracy": acc,
+                "scores": {"relative": {"correct": "1" * n}},
+                "relative_minus_absolute": relative - absolute,
+                "share_absolute": dora_table.share(absolute, evolved, 0.6, 0.8),
+                "share_relative": dora_table.share(relative, evolved, 0.6, 0.8),
+                "relative_only_right": only_rel, "absolute_only_right": only_abs,
+                "norms": {"norm_ratio_mean_abs_dev": 0.002, "magnitude_mean_abs_dev": 0.01}}
+
+    runs = [run("a", 0, 0.55, 0.70, 0.72, 3, 1), run("a", 1, 0.55, 0.74, 0.75, 2, 1),
+            run("b", 0, 0.50, 0.60, 0.70, 12, 2), run("b", 1, 0.50, 0.62, 0.70, 10, 2)]
+    an = dora_table.analyse(runs, ["a", "b"])
+    a, b = an["per_evolution"]["a"], an["per_evolution"]["b"]
+    assert a["share_absolute"]["mean"] == pytest.approx((0.15 / 0.2 + 0.19 / 0.2) / 2)
+    assert a["relative_minus_absolute"]["mean"] == pytest.approx(0.015)
+    assert a["paired"]["relative_only_right"] == 5 and a["paired"]["absolute_only_right"] == 2
+    assert a["paired"]["mcnemar_p"] == pytest.approx(binomtest(5, 7, 0.5).pvalue)
+    assert a["verdict"].startswith("no significant difference")
+    assert b["paired"]["mcnemar_p"] < 0.05 and b["verdict"].startswith("favours `--dora relative`")
+    assert an["overall"]["paired"]["sentences"] == 400
+    assert an["overall"]["verdict"].startswith("favours `--dora relative`")
+    assert dora_table.verdict({"mcnemar_p": None, "relative_only_right": 0, "absolute_only_right": 0},
+                              {"mean": 0.0}).startswith("no difference")
+    # a significant pooled test against a mean difference of the other sign favours neither
+    assert dora_table.verdict({"mcnemar_p": 0.01, "relative_only_right": 20, "absolute_only_right": 5},
+                              {"mean": -0.01}).startswith("no significant")
+    doc = {"model_name": "m", "task_name": "t", "device": "CPU", "command": "c", "date": "d", "wall_s": 60,
+           "settings": {"cpt_batch": 4, "cpt_seq": 128, "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.1,
+                        "lora_target_modules": "q_proj,v_proj", "lora_epochs": 1, "lora_lr": 1e-3, "lora_batch": 8,
+                        "evolutions": [{"name": "a", "corpus": "corpus", "steps": 1, "lr": 1e-4}]},
+           "corpora": {"corpus": "docs"}, "data": {"n": {"train": 1, "calibration": 2, "test": 100}}, "seeds": [0, 1],
+           "runs": runs, "analysis": an}
+    md = dora_table.markdown(doc)
+    assert "| **relative − absolute** (accuracy) | +0.015 ± 0.007 | +0.090 ± 0.014 |" in md
+    assert "| share of the patch's gain kept, (acc − evolved) / (base+patch − base): absolute | 85% ± 14 | 55% ± 7 |" in md
+
+
 # -- port_bench: the shapes are the real models' and the built inputs are what portllm expects ---
 import port_bench  # noqa: E402
 
