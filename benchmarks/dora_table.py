@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import drift_table
-from drift_table import _key, _load, _mean_sd, _ms, _sha, cached_json, log
+from bench_common import cached_json, log
+from drift_table import _key, _load, _mean_sd, _ms, _sha
 
 SCALES = drift_table.SCALES  # the same scales, so that the evolved models and data splits are shared
 LORA = drift_table.LORA

@@ -36,7 +36,9 @@ import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from bench_common import cached_json, log
 
 SCALES: dict[str, dict[str, Any]] = {
     # sized for an idle 2-core CPU: about 85 minutes for 3 seeds (estimated from the small table's stage times)
@@ -78,23 +80,6 @@ ACC_ROWS = [
     ("calibrated", "evolved + the base's patch, calibrated port"),
     ("retrained", "evolved + a LoRA retrained on it"),
 ]
-
-
-def log(msg: str) -> None:
-    import sys
-
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cached_json(path: Path, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """make() -> dict, stored in path; an existing file is reused (stages are resumable)."""
-    if path.exists():
-        return json.loads(path.read_text())
-    doc = make()
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    tmp.replace(path)
-    return doc
 
 
 # -- data -------------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -63,6 +62,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench_common import cached_json, cpu_count, cpu_name, log  # noqa: E402
 
 SCALES: dict[str, dict[str, Any]] = {
     "reference": dict(train=3000, test=1000, corpus_bytes=3_000_000, cpt_steps=1000, cpt_batch=16, cpt_seq=256,
@@ -87,35 +88,12 @@ ROWS = [
 ]
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         import torch
 
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU ({os.cpu_count()} cores, {cpu})"
-
-
-def cached_json(path: Path, make) -> dict[str, Any]:
-    """make() -> dict, stored in path; an existing file is reused (stages are resumable)."""
-    if path.exists():
-        return json.loads(path.read_text())
-    doc = make()
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    tmp.replace(path)
-    return doc
+    return f"CPU ({cpu_count()} cores, {cpu_name()})"
 
 
 # Runs `portllm ARGS...` in a fresh interpreter and reports, at exit, that process's own peak

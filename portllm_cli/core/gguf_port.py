@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from portllm_cli import __version__
 from portllm_cli.core.compat import CompatReport, check_vocabulary
 from portllm_cli.core.config import PortConfig
+from portllm_cli.core.port import PortResult
 from portllm_cli.core.progress import ProgressFn, counter, no_progress
 from portllm_cli.errors import IntegrityError, InvalidInputError, UnsupportedError, UsageError
 from portllm_cli.io import gguf as gio
@@ -388,38 +389,24 @@ def _plan_file(f: gio.GgufFile, out_types: dict[str, int]) -> _FilePlan:
 
 
 @dataclass
-class GgufPortResult:
-    out: Path
-    mode: str
-    patch: str
-    target: str
-    modules_merged: int
-    bytes_written: int
-    seconds: float
-    scale: float
-    files: list[str]
-    verified: bool = False
-    warnings: list[str] = field(default_factory=list)
+class GgufPortResult(PortResult):
+    """A GGUF port's result: the port's own keys, plus the files written and per tensor what the
+    written type kept of the patch's change."""
+
+    files: list[str] = field(default_factory=list)
     tensors: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "out": str(self.out), "mode": self.mode, "format": "gguf", "patch": self.patch, "target": self.target,
-            "modules_merged": self.modules_merged, "bytes_written": self.bytes_written,
-            "seconds": round(self.seconds, 3), "scale": self.scale, "verified": self.verified,
-            # the effect check: check_fit refuses a module that lands nowhere and require_plain_lora any
-            # part that is not a factor, so both factors of every module were used
-            "patch_tensors": {"applied": 2 * self.modules_merged, "total": 2 * self.modules_merged},
-            "warnings": list(self.warnings), "files": list(self.files), "tensors": list(self.tensors), **self.extra,
-        }
+        doc = super().as_dict()
+        doc["format"] = "gguf"
+        doc.update(files=list(self.files), tensors=list(self.tensors), **self.extra)
+        return doc
 
 
 def _patch_sha(patch: Patch) -> str | None:
-    from portllm_cli.core.port import _patch_sha256
-
     try:
-        return _patch_sha256(patch)
+        return patch.weights_sha256()
     except OSError:
         return None
 
@@ -498,9 +485,8 @@ def port_gguf_merged(
         warnings.append(f"{len(low)} merged tensors kept less than 90% of the patch's change in the type they were "
                         f"written in (worst {min(r['change_kept'] for r in low):.2f}, {low[0]['name']}); "
                         "the GGUF LoRA (--as-adapter --format gguf) applies it at full precision")
-    return GgufPortResult(out, "merged", patch_source.display if patch_source else str(patch.path), display,
-                          len(report.key_map), written, time.monotonic() - t0, scale, files, verify, warnings, rows,
-                          {"gguf_merged_type": merged_type})
+    return _result(out, "merged", patch, patch_source, display, len(report.key_map), written, t0, scale, verify,
+                   warnings, files=files, tensors=rows, extra={"gguf_merged_type": merged_type})
 
 
 def _write_merged_file(fp: _FilePlan, dst: Path, by_key: dict[str, str], patch: Patch, tgt: GgufTarget,
@@ -750,8 +736,17 @@ def port_gguf_adapter(
         progress("adapter", 3, 3)
     extra = {"adapter_file": str(Path(out) / name), "architecture": tgt.arch, "lora_alpha": alpha,
              "modules_folded": folded, "gguf_lora_type": factor_type}
-    return GgufPortResult(out, "adapter", patch_source.display if patch_source else str(patch.path), target.display,
-                          len(key_map), written, time.monotonic() - t0, scale, [name], verify, warnings, records, extra)
+    return _result(out, "adapter", patch, patch_source, target.display, len(key_map), written, t0, scale, verify,
+                   warnings, files=[name], tensors=records, extra=extra)
+
+
+def _result(out: Path, mode: str, patch: Patch, patch_source: Any, target: str, modules: int, written: int,
+            t0: float, scale: float, verified: bool, warnings: list[str], **gguf: Any) -> GgufPortResult:
+    # the effect check: check_fit refuses a module that lands nowhere and require_plain_lora any part
+    # that is not a factor, so both factors of every module were used
+    return GgufPortResult(out, mode, patch_source.display if patch_source else str(patch.path), target, modules,
+                          written, time.monotonic() - t0, scale, verified, warnings, None, 2 * modules, 2 * modules,
+                          **gguf)
 
 
 def _verify_adapter(path: Path, tensors: list[tuple[str, "np.ndarray"]], records: list[dict[str, Any]]) -> None:

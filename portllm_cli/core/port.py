@@ -61,7 +61,6 @@ from portllm_cli.io.shards import (
 )
 from portllm_cli.core.plan import OldBase, Policy, build_plan, prepare_patch, target_layout
 from portllm_cli.patch.format import (
-    ADAPTER_WEIGHTS,
     LoraModule,
     Patch,
     build_manifest,
@@ -70,7 +69,6 @@ from portllm_cli.patch.format import (
     patch_tensors,
     read_outline,
     read_patch,
-    sha256_file,
     write_patch_files,
 )
 from portllm_cli.resolve import Resolved, model_record
@@ -89,6 +87,8 @@ MERGE_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 @dataclass
 class PortResult:
+    """What a port wrote (every output format: merged, adapter, GGUF); ``as_dict`` is its --json."""
+
     out: Path
     mode: str  # "merged" or "adapter"
     patch: str
@@ -182,15 +182,6 @@ def plan_port(
         if sorted(ep.edits) != targets:
             raise IntegrityError(f"{patch.path}: internal: planned edits do not match the located targets")
     return plan
-
-
-def _patch_sha256(patch: Patch) -> str:
-    tensors = (patch.manifest or {}).get("tensors") or {}
-    if tensors.get("sha256"):
-        return tensors["sha256"]
-    if patch.source is not None:  # read lazily: the digest of the bytes that were used
-        return patch.source.sha256
-    return sha256_file(patch.path / ADAPTER_WEIGHTS)
 
 
 def _lora_summary(patch: Patch) -> dict[str, Any]:
@@ -572,12 +563,14 @@ def _port_merged(
         else:
             patch = outline
 
-            def load() -> tuple[Patch, PortPlan]:
+            def load_full() -> tuple[Patch, PortPlan]:
                 full = read_patch(path, verify=verify_patch, lazy=True)
                 opened.append(full)
                 if not full.is_plain():  # the outline said plain LoRA; the factors must agree
                     raise IntegrityError(f"{path}: the patch changed while it was being read")
                 return full, plan_port(full, target, allow_pickle=allow_pickle, merging=True, policy=policy)
+
+            load = load_full
     else:
         patch, old = prepare_patch(patch, policy=policy, base=base, allow_pickle=allow_pickle)
         plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True, policy=policy, old=old)
@@ -609,7 +602,7 @@ def _port_merged(
             "old_base": old.display if old is not None else None,
             "patch": {
                 "source": _patch_record_id(patch, patch_source),
-                "sha256": _patch_sha256(patch),
+                "sha256": patch.weights_sha256(),
                 "base": (patch.manifest or {}).get("base") or {"model": patch.base_model},
                 "lora": _lora_summary(patch),
             },
@@ -743,7 +736,7 @@ def port_adapter(
     for key in ("layers_to_transform", "layers_pattern", "exclude_modules"):
         config.pop(key, None)
     old_doc = dict(patch.manifest or {})
-    old_sha = _patch_sha256(patch)
+    old_sha = patch.weights_sha256()
     target_rec = model_record(target, plan.ckpt, plan.module_shapes(), hash_weights=not plan.ckpt.is_pickle)
     progress("adapter", 1, 3)
     port_entry = {

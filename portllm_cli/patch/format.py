@@ -290,6 +290,16 @@ class Patch:
             and all(m.magnitude is None and m.bias is None and m.depth == 0 for m in self.modules.values())
         )
 
+    def weights_sha256(self) -> str:
+        """The sha256 of the patch's weights file: the manifest's (checked when it was read), the
+        digest of the bytes a lazy read scanned, else the file hashed now."""
+        tensors = (self.manifest or {}).get("tensors") or {}
+        if tensors.get("sha256"):
+            return tensors["sha256"]
+        if self.source is not None:
+            return self.source.sha256
+        return sha256_file(self.path / ADAPTER_WEIGHTS)
+
     def touches_embeddings(self) -> bool:
         names = [m.name for m in self.modules.values()] + list(self.full) + list(self.tokens)
         return bool(self.tokens) or any(m.kind == "embedding" for m in self.modules.values()) or any(
