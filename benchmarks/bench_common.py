@@ -40,3 +40,10 @@ def cpu_name() -> str:
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def markdown_end(lines: list[str], doc: dict[str, Any]) -> str:
+    """A results document's markdown lines, its notes appended, as one text."""
+    if doc.get("notes"):
+        lines = lines + [""] + [f"Note: {n}" for n in doc["notes"]]
+    return "\n".join(lines) + "\n"

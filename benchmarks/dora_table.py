@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import drift_table
-from bench_common import cached_json, log
-from drift_table import _key, _load, _mean_sd, _ms, _sha
+from bench_common import cached_json, log, markdown_end
+from drift_table import _key, _load, _mean_sd, _ms, _sha, by_evolution
 
 SCALES = drift_table.SCALES  # the same scales, so that the evolved models and data splits are shared
 LORA = drift_table.LORA
@@ -269,10 +269,7 @@ def verdict(paired: dict[str, Any], diff: dict[str, Any]) -> str:
 
 def analyse(runs: list[dict[str, Any]], evolutions: list[str]) -> dict[str, Any]:
     per_evo = {}
-    for name in evolutions:
-        rs = [r for r in runs if r["evolution"]["name"] == name]
-        if not rs:
-            continue
+    for name, rs in by_evolution(runs, evolutions):
         diff = _mean_sd([r["relative_minus_absolute"] for r in rs])
         paired = _paired(rs)
         per_evo[name] = {
@@ -389,6 +386,4 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{a['absolute']:.3f} | {a['relative']:.3f} | {r['relative_minus_absolute']:+.3f} | "
             f"{_f(r['share_absolute'], True)} | {_f(r['share_relative'], True)} | "
             f"{r['relative_only_right']} / {r['absolute_only_right']} | {r['norms']['norm_ratio_mean_abs_dev'] * 100:.2g}% |")
-    if doc.get("notes"):
-        lines += [""] + [f"Note: {n}" for n in doc["notes"]]
-    return "\n".join(lines) + "\n"
+    return markdown_end(lines, doc)

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import cached_json, log
+from bench_common import cached_json, log, markdown_end
 
 SCALES: dict[str, dict[str, Any]] = {
     # sized for an idle 2-core CPU: about 85 minutes for 3 seeds (estimated from the small table's stage times)
@@ -444,12 +444,14 @@ def _mean_sd(vals: list[float | None]) -> dict[str, Any]:
             "n": len(v)}
 
 
+def by_evolution(runs: list[dict[str, Any]], evolutions: list[str]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The runs of each evolution, in the evolutions' order (evolutions without runs left out)."""
+    return [(name, rs) for name in evolutions if (rs := [r for r in runs if r["evolution"]["name"] == name])]
+
+
 def analyse(runs: list[dict[str, Any]], evolutions: list[str]) -> dict[str, Any]:
     per_evo = {}
-    for name in evolutions:
-        rs = [r for r in runs if r["evolution"]["name"] == name]
-        if not rs:
-            continue
+    for name, rs in by_evolution(runs, evolutions):
         per_evo[name] = {
             "accuracy": {k: _mean_sd([r["accuracy"][k] for r in rs]) for k, _ in ACC_ROWS},
             "share_plain": _mean_sd([r["share_plain"] for r in rs]),
@@ -572,6 +574,4 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{a['calibrated']:.3f} ({r['calibration']['scale']:g}) | {a['retrained']:.3f} | "
             f"{_f(r['share_plain'], True)} | {_f(r['share_calibrated'], True)} | {f['drift'] * 100:.2f}% | "
             f"{_g(f['patch_over_drift'])} | {_f(f['cosine'])} | {_f(f['column_overlap'])} | {_f(f['row_overlap'])} |")
-    if doc.get("notes"):
-        lines += [""] + [f"Note: {n}" for n in doc["notes"]]
-    return "\n".join(lines) + "\n"
+    return markdown_end(lines, doc)

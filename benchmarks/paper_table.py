@@ -63,7 +63,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_common import cached_json, cpu_count, cpu_name, log  # noqa: E402
+from bench_common import cached_json, cpu_count, cpu_name, log, markdown_end  # noqa: E402
 
 SCALES: dict[str, dict[str, Any]] = {
     "reference": dict(train=3000, test=1000, corpus_bytes=3_000_000, cpt_steps=1000, cpt_batch=16, cpt_seq=256,
@@ -319,9 +319,7 @@ def markdown(doc: dict[str, Any]) -> str:
                  + " | ".join(ratio(r["memory"]["ratio_finetune_over_port_rss"]) for r in runs) + " |")
     lines.append("| wall time: finetune on the evolved model / port (process) | " + " | ".join(
         f"{r['memory']['finetune_wall_s']:.0f} s / {r['memory']['port_wall_s']:.1f} s" for r in runs) + " |")
-    if doc.get("notes"):
-        lines += [""] + [f"Note: {n}" for n in doc["notes"]]
-    return "\n".join(lines) + "\n"
+    return markdown_end(lines, doc)
 
 
 def _existing_file(value: str) -> Path:

@@ -37,6 +37,22 @@ def _runner(tmp_path):
     return gpu_kit.Runner(out, 60, stage=tmp_path / "stage")
 
 
+
+def _rerun_from_cache(monkeypatch, argv, result_json, doc, also_forbidden) -> None:
+    """paper_table run again with the same arguments: training and every function named in
+    ``also_forbidden`` fail if called, and the runs come out the same, all from the cache."""
+    import portllm_cli.core.train as train_mod
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(train_mod, "finetune", boom)
+    for mod, name in also_forbidden:
+        monkeypatch.setattr(mod, name, boom)
+    before = json.dumps(doc["runs"], sort_keys=True)
+    assert paper_table.main(argv) == 0
+    assert json.dumps(json.loads(Path(result_json).read_text())["runs"], sort_keys=True) == before
+
 def test_kit_packs_splits_and_reassembles(tmp_path, material):
     home, files = material
     kit, stage = tmp_path / "kit", tmp_path / "stage"
@@ -253,19 +269,10 @@ def test_drift_experiment_smoke_and_resume(drift_material, tmp_path, monkeypatch
     assert not list((tmp_path / "work").glob("evolved-*/"))  # finished runs' models are deleted
 
     # resume: every stage comes from the cache; nothing is trained, calibrated or evaluated again
-    def boom(*a, **k):
-        raise AssertionError("recomputed")
-
     import portllm_cli.core.calibrate as cal_mod
-    import portllm_cli.core.train as train_mod
 
-    monkeypatch.setattr(train_mod, "finetune", boom)
-    monkeypatch.setattr(cal_mod, "calibrate_loaded", boom)
-    monkeypatch.setattr(drift_table, "_evaluate", boom)
-    before = json.dumps(doc["runs"], sort_keys=True)
-    assert paper_table.main(argv) == 0
-    again = json.loads((tmp_path / "out" / "paper_table-drift-smoke-cpu.json").read_text())
-    assert json.dumps(again["runs"], sort_keys=True) == before
+    _rerun_from_cache(monkeypatch, argv, tmp_path / "out" / "paper_table-drift-smoke-cpu.json", doc,
+                      [(cal_mod, "calibrate_loaded"), (drift_table, "_evaluate")])
 
 
 def test_drift_markdown_with_numbers():
@@ -375,17 +382,8 @@ def test_dora_experiment_smoke_and_resume(drift_material, tmp_path, monkeypatch)
     assert len({ln.replace("\\|", "").count("|") for ln in first}) == 1  # every row as wide as its header
 
     # resume: every stage comes from the cache; nothing is trained or evaluated again
-    def boom(*a, **k):
-        raise AssertionError("recomputed")
-
-    import portllm_cli.core.train as train_mod
-
-    monkeypatch.setattr(train_mod, "finetune", boom)
-    monkeypatch.setattr(dora_table, "_score", boom)
-    before = json.dumps(doc["runs"], sort_keys=True)
-    assert paper_table.main(argv) == 0
-    again = json.loads((tmp_path / "out" / "paper_table-dora-smoke-cpu.json").read_text())
-    assert json.dumps(again["runs"], sort_keys=True) == before
+    _rerun_from_cache(monkeypatch, argv, tmp_path / "out" / "paper_table-dora-smoke-cpu.json", doc,
+                      [(dora_table, "_score")])
 
 
 def test_dora_statistics_and_markdown_with_numbers():

@@ -157,14 +157,7 @@ def load_data(task: str, path: Path, *, limit: int | None = None) -> Calibration
     recipe = recipes.get_recipe(task)
     rows = recipes.load_rows(recipe, path, split="eval")
     used = rows if limit is None else rows[:limit]
-    examples = []
-    for i, row in enumerate(used):
-        try:
-            examples.append(recipe.example(row))
-        except PortllmError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise InvalidInputError(f"{path}: row {i + 1}: cannot be read as a {task} example ({exc})") from None
+    examples = recipes.read_examples(recipe, used, path)
     kind = "choice" if recipe.kind == "choice" else "generate"
     return CalibrationData(recipe.name, path, sha256_file(path), len(rows), examples, kind)
 

@@ -181,14 +181,7 @@ def load_local_task(name: str, path: Path) -> LocalTask:
         raise UsageError(f"task {name}: a {recipe.kind} recipe has no answers to score",
                          hint="evaluate a choice task (sst2, boolq, ...) or a generation task (gsm8k)")
     rows = recipes.load_rows(recipe, path, split="eval")
-    examples = []
-    for i, row in enumerate(rows):
-        try:
-            examples.append(recipe.example(row))
-        except PortllmError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise InvalidInputError(f"{path}: row {i}: cannot be read as a {name} example ({exc})") from None
+    examples = recipes.read_examples(recipe, rows, path)
     kind, docs, answer_regex = docs_from_examples(examples, where=str(path))
     return LocalTask(name, kind, docs, path, answer_regex)
 

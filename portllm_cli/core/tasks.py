@@ -474,6 +474,20 @@ def _hub_split(recipe: Recipe, split: str) -> str:
     return {"train": recipe.train_split, "eval": recipe.eval_split}.get(split, split)
 
 
+def read_examples(recipe: "Recipe", rows: list[Any], where: Any) -> list["Example"]:
+    """Every row through the recipe; a row that does not fit is one InvalidInputError naming it
+    (rows counted from 1, as in the file)."""
+    examples = []
+    for i, row in enumerate(rows, start=1):
+        try:
+            examples.append(recipe.example(row))
+        except PortllmError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise InvalidInputError(f"{where}: row {i}: cannot be read as a {recipe.name} example ({exc})") from None
+    return examples
+
+
 def load_rows(
     recipe: Recipe,
     data: Path | None,
