@@ -41,7 +41,7 @@ from typing import Any
 from bench_common import cached_json, log, markdown_end
 
 SCALES: dict[str, dict[str, Any]] = {
-    # sized for an idle 2-core CPU: about 85 minutes for 3 seeds (estimated from the small table's stage times)
+    # sized for an idle 2-core CPU: about 2 hours for 3 seeds (measured: benchmarks/results/paper_table-drift-small-cpu.md)
     "small": dict(
         train=480, calibration=200, test=1000, corpus_bytes=400_000, cpt_batch=4, cpt_seq=128,
         lora_epochs=1, lora_batch=8, lora_max_length=64, lora_lr=1e-3, eval_batch=16,

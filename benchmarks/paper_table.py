@@ -30,7 +30,7 @@ base model.
 evolutions of increasing drift, plain port vs calibrated port (`port --calibrate`) vs a retrained
 LoRA, and which `portllm diff` figure predicts how much of the patch survives:
 
-    python benchmarks/paper_table.py --experiment drift --seeds 0 1 2            # ~85 min on an idle 2-core CPU (estimate)
+    python benchmarks/paper_table.py --experiment drift --seeds 0 1 2            # ~2 h on an idle 2-core CPU (measured)
     python benchmarks/paper_table.py --experiment drift --scale smoke --seeds 0  # the wiring, in minutes
 
 ``--other-corpus FILE`` replaces Jane Austen's novels (the third evolution's text).

@@ -190,7 +190,7 @@ def diff(
 
     [bold]Patch vs patch[/bold]: residual ||ΔB - ΔA|| / ||ΔA||, cosine, norm ratio and principal angles of the column and row spaces, computed from the low-rank factors.
 
-    [bold]Patch vs model[/bold]: does the patch fit, and how far the targeted weights moved from the patch's recorded base (when that base is on this machine, or given with --base). Then, per patched module, the patch against that drift D: ||sBA|| / ||D||, the cosine of sBA and D, and the overlap of the patch's column and row spaces with D's top-r singular subspaces (randomized SVD, streamed). These are figures, not a forecast.
+    [bold]Patch vs model[/bold]: does the patch fit, and how far the targeted weights moved from the patch's recorded base (when that base is on this machine, or given with --base). Then, per patched module, the patch against that drift D: ||sBA|| / ||D||, the cosine of sBA and D, and the overlap of the patch's column and row spaces with D's top-r singular subspaces (randomized SVD, streamed). These are figures, not a forecast: in the drift experiment none of them predicted how much of a patch a port keeps (README, "The drift experiment").
     """
     from portllm_cli.cli._output import Output
     from portllm_cli.core.diff import diff_paths, plot_layers
