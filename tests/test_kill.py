@@ -26,6 +26,12 @@ from tests import kill_writer
 
 REPO = Path(__file__).resolve().parents[1]
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
+
+
+def _sigint_default() -> None:
+    """In the child: SIGINT to its default, so Python installs its KeyboardInterrupt handler even
+    when the suite runs as a background job (where the shell starts it with SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 POINTS = ["step 3", "block-done"]  # mid-shard (index unwritten), everything written but not yet renamed
 
 
@@ -53,7 +59,8 @@ def run_and_kill(out: Path, sig: int, point: str, *, overwrite: bool = False, wa
     cmd = [sys.executable, "-m", "tests.kill_writer", str(out), "--delay", "0.25"]
     if overwrite:
         cmd.append("--overwrite")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_default)
     seen = []
     try:
         for line in proc.stdout:
@@ -181,7 +188,7 @@ def test_killed_port_leaves_nothing_partial(tmp_path, port_inputs, sig, merge):
     env = dict(os.environ, PORTLLM_TEST_MERGE_DELAY="0.3")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.slow_port", *_port_args(model, lora, out)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_sigint_default,
     )
     err_lines = []
     try:
@@ -256,7 +263,8 @@ def test_killed_unmodified_command(tmp_path, port_inputs, extract_reference, com
     else:
         args, check = _extract_args(lora, out), lambda: assert_patch_like_reference(out, extract_reference)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "portllm_cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "portllm_cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_default,
     )
     try:
         deadline = time.monotonic() + 120
