@@ -271,21 +271,32 @@ def test_merge_buffers_stay_one_block(tmp_path):
     block = 256 << 10
     with open(src, "rb") as s, open(dst, "r+b") as d:
         core.merge_shard_tensor(s.fileno(), d.fileno(), info, [LoraEdit(m)], block_bytes=block, ws=ws, bufs=bufs)
-    held = sum(t.numel() * t.element_size() for t in [*ws._bufs.values(), *ws._flat.values()])
+    held = sum(t.numel() * t.element_size() for t in ws._flat.values())
     held += sum(len(b) for b in bufs._bufs.values())
     assert held <= 4 * block, held  # float32 block + delta, stored rows in and out
     got = _load(dst)["w"]
     assert torch.equal(_bits(got), _bits(merge_tensor(W, [LoraEdit(m)], block_bytes=1 << 30)))
 
 
-def test_workspace_is_bounded():
-    ws = Workspace(limit_bytes=1 << 20)
-    for rows in range(1, 200):
-        ws.get((rows, 512))  # 2 KiB per row: every shape new
-        assert ws._bytes <= (1 << 20) + 4 * rows * 512
-    assert sum(4 * t.numel() for t in ws._bufs.values()) == ws._bytes <= 1 << 20
-    a = ws.get((7, 3))
-    assert ws.get((7, 3)) is a  # the same shape, the same buffer
+def test_workspace_converts_factors_once_and_notices_changes():
+    """bf16 factors become float32 once per module, not once per block; a factor changed in place
+    is converted again; only the last few modules are kept."""
+    from portllm_cli.core.merge import FACTOR_CACHE
+
+    ws = Workspace()
+    mods = [LoraModule(name=f"m{i}", A=torch.randn(2, 5).bfloat16(), B=torch.randn(3, 2).bfloat16(), alpha=2.0)
+            for i in range(FACTOR_CACHE + 2)]
+    A, B = ws.factors(mods[0], torch.device("cpu"))
+    assert A.dtype == B.dtype == torch.float32 and torch.equal(A, mods[0].A.float())
+    assert ws.factors(mods[0], torch.device("cpu"))[0] is A  # the same conversion, reused
+    mods[0].A.mul_(2)  # changed in place: its version counter moves
+    A2, _ = ws.factors(mods[0], torch.device("cpu"))
+    assert A2 is not A and torch.equal(A2, mods[0].A.float())
+    for m in mods:
+        ws.factors(m, torch.device("cpu"))
+    assert len(ws._factors) == FACTOR_CACHE
+    f32 = LoraModule(name="f", A=torch.randn(2, 5), B=torch.randn(3, 2), alpha=2.0)
+    assert ws.factors(f32, torch.device("cpu"))[0] is f32.A  # float32 already: nothing copied
 
 
 # -- clones (reflinks) --------------------------------------------------------------------------

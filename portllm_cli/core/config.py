@@ -179,7 +179,7 @@ class EvalConfig(_Config):
 # float32 bytes of one merge block in a port: small enough that the block, its delta and its stored
 # rows stay in the CPU's caches between the read, the arithmetic and the write, large enough that
 # each pread and pwrite moves a megabyte or more. The bits do not depend on it (core.merge).
-PORT_BLOCK_BYTES = 4 << 20
+PORT_BLOCK_BYTES = 1 << 20
 DORA_POLICIES = ("absolute", "relative")
 WHOLE_POLICIES = ("delta", "copy")
 

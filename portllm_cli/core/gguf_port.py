@@ -38,7 +38,7 @@ from portllm_cli.core.port import PortResult
 from portllm_cli.core.progress import ProgressFn, counter, no_progress
 from portllm_cli.errors import IntegrityError, InvalidInputError, UnsupportedError, UsageError
 from portllm_cli.io import gguf as gio
-from portllm_cli.io.shards import copy_range, pwrite_all
+from portllm_cli.io.shards import copy_range, pwrite_all, start_writeback
 from portllm_cli.patch.format import LoraModule, Patch, now_iso
 
 if TYPE_CHECKING:
@@ -355,6 +355,7 @@ def merge_tensor_to(
         tick(t.row_bytes * n)
 
     merge_stream(t.rows, read, write, [LoraEdit(module, scale)], block_rows((t.rows, cols)), Workspace())
+    start_writeback(out_fd, out_begin, out_row * t.rows)
     return surv.as_dict()
 
 

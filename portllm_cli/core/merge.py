@@ -22,7 +22,6 @@ the sum); see the README for why one rounding is the closer answer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
@@ -43,39 +42,36 @@ class Edit(Protocol):
         """Change ``block`` (float32 rows ``[r0, r1)`` of the stored tensor) in place."""
 
 
-# Bytes of shape-keyed scratch buffers a Workspace keeps between blocks; beyond it the least
-# recently used are dropped (a model has a handful of weight shapes, so this is rarely reached).
-WORKSPACE_BYTES = 64 << 20
+# Modules whose float32 factors a Workspace keeps (a tensor's edits use one or two).
+FACTOR_CACHE = 4
 
 
 class Workspace:
     """Reusable scratch buffers: a shard holds many same-shaped weights, and a fresh multi-megabyte
-    allocation per block costs a page fault per 4 KiB. One per thread; bounded (WORKSPACE_BYTES
-    of shape-keyed buffers, plus one flat buffer per tag sized to the largest block)."""
+    allocation per block costs a page fault per 4 KiB. One per thread; bounded: one flat buffer
+    per tag, sized to the largest block, and the float32 factors of FACTOR_CACHE modules."""
 
-    def __init__(self, limit_bytes: int = WORKSPACE_BYTES) -> None:
-        from collections import OrderedDict
-
-        self._bufs: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+    def __init__(self) -> None:
         self._flat: dict[tuple, "torch.Tensor"] = {}
-        self._bytes = 0
-        self._limit = limit_bytes
+        self._factors: dict[tuple, tuple["torch.Tensor", ...]] = {}
 
-    def get(self, shape: tuple[int, ...], device: "torch.device | None" = None) -> "torch.Tensor":
-        """A float32 buffer of exactly this shape (the same one for the same shape, while kept)."""
+    def factors(self, m: "LoraModule", device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """m's A and B in float32 on ``device``, converted once, not once per block: a bf16 patch's
+        B is as large as several blocks. Kept for the last FACTOR_CACHE modules, keyed by the
+        tensors themselves and their in-place version counters (a changed factor is reconverted)."""
         import torch
 
-        key = (tuple(shape), str(device))
-        buf = self._bufs.pop(key, None)
-        if buf is None:
-            need = 4 * math.prod(shape)
-            while self._bufs and self._bytes + need > self._limit:
-                _, old = self._bufs.popitem(last=False)
-                self._bytes -= 4 * old.numel()
-            buf = torch.empty(shape, dtype=torch.float32, device=device)
-            self._bytes += need
-        self._bufs[key] = buf  # most recently used last
-        return buf
+        A, B = m.A, m.B
+        if A.dtype == torch.float32 and B.dtype == torch.float32 and A.device == device and B.device == device:
+            return A, B
+        key = (id(A), A._version, id(B), B._version, str(device))
+        hit = self._factors.pop(key, None)
+        if hit is None:
+            hit = (A, B, A.to(device=device, dtype=torch.float32), B.to(device=device, dtype=torch.float32))
+            while len(self._factors) >= FACTOR_CACHE:
+                self._factors.pop(next(iter(self._factors)))
+        self._factors[key] = hit  # holds A and B too, so their ids are not reused while cached
+        return hit[2], hit[3]
 
     def flat(self, tag: str, numel: int, dtype: "torch.dtype", device: "torch.device | None" = None) -> "torch.Tensor":
         """The first ``numel`` elements of this tag's buffer (grown, never shrunk): blocks of any
@@ -105,18 +101,17 @@ def _lora_add(m: "LoraModule", s: float, block: "torch.Tensor", r0: int, r1: int
     """block += s * (B @ A) rows [r0, r1) in the stored layout (the LoraEdit arithmetic)."""
     import torch
 
-    A = m.A.to(device=block.device, dtype=torch.float32)
-    B = m.B.to(device=block.device, dtype=torch.float32)
+    A, B = ws.factors(m, block.device)
     if m.kind == "embedding" or m.fan_in_fan_out:
-        d = ws.get((int(B.shape[0]), r1 - r0), block.device)
+        d = ws.flat("delta", int(B.shape[0]) * (r1 - r0), torch.float32, block.device).view(int(B.shape[0]), r1 - r0)
         torch.matmul(B, A[:, r0:r1], out=d)
-        d.mul_(s)
-        block.add_(d.T)
+        d = d.T
     else:
-        d = ws.get((r1 - r0, int(A.shape[1])), block.device)
+        d = ws.flat("delta", (r1 - r0) * int(A.shape[1]), torch.float32, block.device).view(r1 - r0, int(A.shape[1]))
         torch.matmul(B[r0:r1], A, out=d)
+    if s != 1.0:  # x * 1.0 == x for every float32, so skipping the pass changes no bit
         d.mul_(s)
-        block.add_(d)
+    block.add_(d)
 
 
 # Rows per step of DoRA's first pass over a transposed weight: fixed, so that the norms (and so

@@ -57,6 +57,7 @@ from portllm_cli.io.shards import (
     first_difference,
     pread_into,
     pwrite_all,
+    start_writeback,
     untargeted_spans,
 )
 from portllm_cli.core.plan import OldBase, Policy, build_plan, prepare_patch, target_layout
@@ -320,6 +321,7 @@ def merge_shard_tensor(
             tick(len(data))
 
     merge_stream(n_rows, _rows_reader(src_fd, info, bufs), write_rows, edits, block_rows(info.shape or (1,), block_bytes), ws)
+    start_writeback(dst_fd, info.begin, info.nbytes)
 
 
 def _port_safetensors_shards(

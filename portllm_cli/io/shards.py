@@ -49,6 +49,35 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += n
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages, do not wait
+_sync_file_range: Callable[[int, int, int, int], int] | None | bool = False  # False: not looked up yet
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + length)`` of ``fd`` to disk now, without
+    waiting (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``); elsewhere, or where it fails, nothing.
+
+    An output is fsynced before it is renamed into place; started as each range is written, the disk
+    writes run while the rest is being merged, and the fsync finds little left to do instead of
+    every page the dirty-memory limits let pile up. Advisory only: durability still comes from the
+    fsync."""
+    global _sync_file_range
+    if _sync_file_range is False:
+        _sync_file_range = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _sync_file_range = fn
+            except (OSError, AttributeError):  # no libc symbol (an unusual libc)
+                pass
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
+
+
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int | None = None) -> None:
     """Copy ``length`` bytes from ``offset`` of one open file to ``dst_offset`` (default: the same
     offset) of another, in the kernel where possible (no user-space copy of the data)."""
@@ -68,6 +97,7 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: i
             moved = len(data)
         if moved == 0:
             raise IntegrityError("source file ended early while copying")
+        start_writeback(dst_fd, dst_offset + done, moved)
         done += moved
 
 
