@@ -63,7 +63,7 @@ ADAPTERS = {
     "qv": ("q_proj", "v_proj"),
     "all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
-METHODS = ("cp", "portllm", "portllm --verify", "diff", "peft", "import torch")
+METHODS = ("cp", "portllm", "portllm:torch", "portllm --verify", "diff", "peft", "import torch")
 PEAK_TAG = "bench-peak-rss-bytes"
 
 
@@ -247,11 +247,12 @@ def _sampled_hwm(pid: int) -> int:
     return 0
 
 
-def run_one(cmds: list[list[str]], stdout_path: Path | None = None, root: Path = REPO) -> dict:
+def run_one(cmds: list[list[str]], stdout_path: Path | None = None, root: Path = REPO,
+            env_extra: dict[str, str] | None = None) -> dict:
     """Run commands one after the other (as `a && b`), then `sync`. Wall, durable, CPU, peak RSS.
 
     ``root``: the portllm checkout the Python commands import (another one for --baseline)."""
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": str(root), **(env_extra or {})}
     wall = user = system = 0.0
     peak = 0
     t0 = time.perf_counter()
@@ -404,7 +405,7 @@ def bench_shape(args, tag: str, s: dict, methods: list[str], adapters: list[str]
             port_out = outs / f"portllm_{a}"  # what the portllm row writes
             if m == "cp":
                 cmds = [["cp", "-r", str(model), str(target)]]
-            elif m in ("portllm", "portllm@baseline"):
+            elif m in ("portllm", "portllm@baseline", "portllm:torch"):
                 cmds = [portllm_cmd("port", "--patch", str(patches[a]), "--to", str(model), "--out", str(target), "--quiet")]
             elif m == "portllm --verify":
                 cmds = [portllm_cmd("port", "--patch", str(patches[a]), "--to", str(model), "--out", str(target),
@@ -422,7 +423,8 @@ def bench_shape(args, tag: str, s: dict, methods: list[str], adapters: list[str]
                 if not (args.drop_caches and drop_caches()):
                     warm(model)
             res = run_one(cmds, stdout_path=outs / "diff.json" if m == "diff" else None,
-                          root=args.baseline if m == "portllm@baseline" else REPO)
+                          root=args.baseline if m == "portllm@baseline" else REPO,
+                          env_extra={"PORTLLM_NO_KERNEL": "1"} if m == "portllm:torch" else None)
             if m == "diff":
                 doc = json.loads((outs / "diff.json").read_text())
                 res["note"] = doc.get("verdict_text")
@@ -450,6 +452,10 @@ def bench_shape(args, tag: str, s: dict, methods: list[str], adapters: list[str]
             ratios[f"portllm [{a}] / peft (peak RSS)"] = p["peak_mb"] / med[f"peft [{a}]"]["peak_mb"]
         if base is not None:
             ratios[f"portllm [{a}] peak above import torch (MB)"] = p["peak_mb"] - base
+        if f"portllm:torch [{a}]" in med:
+            t = med[f"portllm:torch [{a}]"]
+            ratios[f"portllm [{a}] / portllm:torch (durable time)"] = p["durable"] / t["durable"]
+            ratios[f"portllm [{a}] / portllm:torch (CPU time)"] = p["cpu"] / t["cpu"]
         if f"portllm@baseline [{a}]" in med:
             b = med[f"portllm@baseline [{a}]"]
             ratios[f"portllm [{a}] / baseline (durable time)"] = p["durable"] / b["durable"]

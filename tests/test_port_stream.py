@@ -327,6 +327,47 @@ def test_cloned_shards_get_only_the_merges_written(models, tmp_path, monkeypatch
         assert (out / f.name).read_bytes() == (plain / f.name).read_bytes(), f.name
 
 
+def test_every_written_byte_has_its_writeback_started(models, tmp_path, monkeypatch):
+    """The disk writes start as each range is written (copied spans and merged tensors alike), so
+    the final fsync finds little left: every byte of every output shard is asked for, once."""
+    monkeypatch.setenv("PORTLLM_NO_REFLINK", "1")  # the copy path, whatever the filesystem
+    asked: dict[int, list[tuple[int, int]]] = {}
+    real = shards.start_writeback
+
+    def record(fd, offset, length):
+        asked.setdefault(os.fstat(fd).st_ino, []).append((offset, offset + length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(shards, "start_writeback", record)
+    monkeypatch.setattr(core, "start_writeback", record)
+    model = models["bfloat16"]
+    out = tmp_path / "o"
+    core.port_merged(make_patch(tmp_path / "p", model, "linear"), resolve(str(model), kind="model"), out, scale=SCALE)
+    shard_files = sorted(out.glob("*.safetensors"))
+    assert len(shard_files) > 1
+    for f in shard_files:
+        spans = sorted(asked[f.stat().st_ino])
+        assert spans[0][0] == 0 and spans[-1][1] == f.stat().st_size, f.name
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), f.name  # no gap, no overlap
+
+
+def test_start_writeback_is_advisory(tmp_path):
+    """Where the kernel refuses (a pipe, a read-only descriptor), nothing is raised."""
+    r, w = os.pipe()
+    try:
+        shards.start_writeback(w, 0, 10)
+    finally:
+        os.close(r)
+        os.close(w)
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        shards.start_writeback(fd, 0, 100)
+    finally:
+        os.close(fd)
+
+
 def test_clone_falls_back_where_unsupported(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_bytes(b"x" * 10000)

@@ -97,21 +97,58 @@ class LoraEdit:
         _lora_add(self.module, self.module.scale * self.scale, block, r0, r1, ws)
 
 
-def _lora_add(m: "LoraModule", s: float, block: "torch.Tensor", r0: int, r1: int, ws: Workspace) -> None:
-    """block += s * (B @ A) rows [r0, r1) in the stored layout (the LoraEdit arithmetic)."""
+def _lora_delta(m: "LoraModule", r0: int, r1: int, ws: Workspace, device: "torch.device") -> "torch.Tensor":
+    """B @ A for rows [r0, r1) of the stored weight, in its layout (a view of the workspace)."""
     import torch
 
-    A, B = ws.factors(m, block.device)
+    A, B = ws.factors(m, device)
     if m.kind == "embedding" or m.fan_in_fan_out:
-        d = ws.flat("delta", int(B.shape[0]) * (r1 - r0), torch.float32, block.device).view(int(B.shape[0]), r1 - r0)
+        d = ws.flat("delta", int(B.shape[0]) * (r1 - r0), torch.float32, device).view(int(B.shape[0]), r1 - r0)
         torch.matmul(B, A[:, r0:r1], out=d)
-        d = d.T
-    else:
-        d = ws.flat("delta", (r1 - r0) * int(A.shape[1]), torch.float32, block.device).view(r1 - r0, int(A.shape[1]))
-        torch.matmul(B[r0:r1], A, out=d)
+        return d.T
+    d = ws.flat("delta", (r1 - r0) * int(A.shape[1]), torch.float32, device).view(r1 - r0, int(A.shape[1]))
+    torch.matmul(B[r0:r1], A, out=d)
+    return d
+
+
+def _lora_add(m: "LoraModule", s: float, block: "torch.Tensor", r0: int, r1: int, ws: Workspace) -> None:
+    """block += s * (B @ A) rows [r0, r1) in the stored layout (the LoraEdit arithmetic)."""
+    d = _lora_delta(m, r0, r1, ws, block.device)
     if s != 1.0:  # x * 1.0 == x for every float32, so skipping the pass changes no bit
         d.mul_(s)
     block.add_(d)
+
+
+_KERNELS: list = []  # [module or None], filled on first use
+
+
+def kernels() -> "object | None":
+    """The compiled one-pass merge step (``portllm_cli._kernels``), or None where it was not built
+    (no C compiler at install) or ``PORTLLM_NO_KERNEL=1`` asks for torch's operations."""
+    if not _KERNELS:
+        import os
+
+        mod = None
+        if os.environ.get("PORTLLM_NO_KERNEL", "") in ("", "0"):
+            try:
+                from portllm_cli import _kernels as mod
+            except ImportError:
+                mod = None
+        _KERNELS.append(mod)
+    return _KERNELS[0]
+
+
+def _one_pass(rows: "torch.Tensor", edits: Sequence[Edit]) -> "LoraEdit | None":
+    """The edit to merge through the compiled kernel, where it applies: one LoRA on a linear weight
+    stored in bfloat16, contiguous rows in CPU memory (the rows of nearly every port)."""
+    import torch
+
+    if len(edits) != 1 or type(edits[0]) is not LoraEdit or rows.dtype != torch.bfloat16:
+        return None
+    e = edits[0]
+    if e.module.kind == "embedding" or e.module.fan_in_fan_out or rows.device.type != "cpu" or not rows.is_contiguous():
+        return None
+    return e if kernels() is not None else None
 
 
 # Rows per step of DoRA's first pass over a transposed weight: fixed, so that the norms (and so
@@ -276,9 +313,15 @@ def merge_block(rows: "torch.Tensor", edits: Sequence[Edit], r0: int, ws: Worksp
 
     fresh = ws is None
     ws = ws or Workspace()
+    r1 = r0 + int(rows.shape[0])
+    one = _one_pass(rows, edits)
+    if one is not None:  # the same bits as below, in one pass over memory instead of four
+        d = _lora_delta(one.module, r0, r1, ws, rows.device)
+        out = torch.empty_like(rows) if fresh else ws.flat("out", rows.numel(), rows.dtype, rows.device).view(rows.shape)
+        kernels().add_scaled_bf16(rows.data_ptr(), d.data_ptr(), out.data_ptr(), rows.numel(), one.module.scale * one.scale)
+        return out
     block = ws.flat("block", rows.numel(), torch.float32, rows.device).view(rows.shape)
     block.copy_(rows)
-    r1 = r0 + int(rows.shape[0])
     for e in edits:
         e.apply(block, r0, r1, ws)
     if fresh:
