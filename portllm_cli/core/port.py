@@ -542,49 +542,47 @@ def _port_merged(
     opened: list[Patch],
 ) -> PortResult:
     t0 = time.monotonic()
-    scale, overwrite, verify, allow_pickle = cfg.scale, cfg.overwrite, cfg.verify, cfg.allow_pickle
-    verify_patch, base, block_bytes, patch_source = cfg.verify_patch, cfg.base, cfg.block_bytes, cfg.patch_source
     calibration = dict(cfg.calibration) if cfg.calibration is not None else None
     policy = Policy.of(cfg)
     load = None
     old: OldBase | None = None
     if not isinstance(patch, Patch):
         path = Path(patch)
-        outline = read_outline(path) if base is None else None
+        outline = read_outline(path) if cfg.base is None else None
         plan = None
         if outline is not None:
             try:
-                plan = plan_port(outline, target, allow_pickle=allow_pickle, merging=True, policy=policy)
+                plan = plan_port(outline, target, allow_pickle=cfg.allow_pickle, merging=True, policy=policy)
             except PortllmError:
                 plan = None  # let the full reader report first, as it would without the outline
         if plan is None or plan.ckpt.is_pickle:
-            read = read_patch(path, verify=verify_patch, lazy=True)
+            read = read_patch(path, verify=cfg.verify_patch, lazy=True)
             opened.append(read)
-            patch, old = prepare_patch(read, policy=policy, base=base, allow_pickle=allow_pickle)
-            plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True, policy=policy, old=old)
+            patch, old = prepare_patch(read, policy=policy, base=cfg.base, allow_pickle=cfg.allow_pickle)
+            plan = plan_port(patch, target, allow_pickle=cfg.allow_pickle, merging=True, policy=policy, old=old)
         else:
             patch = outline
 
             def load_full() -> tuple[Patch, PortPlan]:
-                full = read_patch(path, verify=verify_patch, lazy=True)
+                full = read_patch(path, verify=cfg.verify_patch, lazy=True)
                 opened.append(full)
                 if not full.is_plain():  # the outline said plain LoRA; the factors must agree
                     raise IntegrityError(f"{path}: the patch changed while it was being read")
-                return full, plan_port(full, target, allow_pickle=allow_pickle, merging=True, policy=policy)
+                return full, plan_port(full, target, allow_pickle=cfg.allow_pickle, merging=True, policy=policy)
 
             load = load_full
     else:
-        patch, old = prepare_patch(patch, policy=policy, base=base, allow_pickle=allow_pickle)
-        plan = plan_port(patch, target, allow_pickle=allow_pickle, merging=True, policy=policy, old=old)
+        patch, old = prepare_patch(patch, policy=policy, base=cfg.base, allow_pickle=cfg.allow_pickle)
+        plan = plan_port(patch, target, allow_pickle=cfg.allow_pickle, merging=True, policy=policy, old=old)
     ckpt = plan.ckpt
     out = Path(out)
     tick = counter(progress, "port", ckpt.total_bytes())  # ticks come from the copy threads too
     inputs = (target.path, patch.path) + ((old.ckpt.root,) if old is not None else ())
-    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+    with atomic_output_dir(out, overwrite=cfg.overwrite, inputs=inputs) as tmp:
         if ckpt.is_pickle:
-            shard_names, written = _port_pickle(plan, tmp, verify, tick)
+            shard_names, written = _port_pickle(plan, tmp, cfg.verify, tick)
         else:
-            patch, plan = _port_safetensors_shards(plan, patch, tmp, tick, load, block_bytes)
+            patch, plan = _port_safetensors_shards(plan, patch, tmp, tick, load, cfg.block_bytes)
             shard_names = [f.name for f in ckpt.files]
             written = sum(f.stat().st_size for f in ckpt.files)
             if ckpt.index_file is not None:
@@ -599,11 +597,11 @@ def _port_merged(
             "portllm_version": __version__,
             "created": now_iso(),
             "mode": "merged",
-            "scale": scale,
+            "scale": cfg.scale,
             "policy": {"dora": policy.dora, "modules_to_save": policy.whole},
             "old_base": old.display if old is not None else None,
             "patch": {
-                "source": _patch_record_id(patch, patch_source),
+                "source": _patch_record_id(patch, cfg.patch_source),
                 "sha256": patch.weights_sha256(),
                 "base": (patch.manifest or {}).get("base") or {"model": patch.base_model},
                 "lora": _lora_summary(patch),
@@ -621,18 +619,18 @@ def _port_merged(
             record["calibration"] = calibration  # how `scale` was chosen (portllm port --calibrate)
         (tmp / PORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         written += (tmp / PORT_RECORD).stat().st_size
-        if verify and not ckpt.is_pickle:
-            _verify_shards(plan, tmp, progress, block_bytes)
+        if cfg.verify and not ckpt.is_pickle:
+            _verify_shards(plan, tmp, progress, cfg.block_bytes)
     return PortResult(
         out=out,
         mode="merged",
-        patch=patch_source.display if patch_source else str(patch.path),
+        patch=cfg.patch_source.display if cfg.patch_source else str(patch.path),
         target=target.display,
         modules_merged=len(plan.key_map),
         bytes_written=written,
         seconds=time.monotonic() - t0,
-        scale=scale,
-        verified=verify,
+        scale=cfg.scale,
+        verified=cfg.verify,
         warnings=plan.warnings,
         calibration=calibration,
         tensors_applied=sum(1 for n in plan.applied.values() if n),
