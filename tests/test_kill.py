@@ -26,13 +26,13 @@ from tests import kill_writer
 
 REPO = Path(__file__).resolve().parents[1]
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
+POINTS = ["step 3", "block-done"]  # mid-shard (index unwritten), everything written but not yet renamed
 
 
 def _sigint_default() -> None:
     """In the child: SIGINT to its default, so Python installs its KeyboardInterrupt handler even
     when the suite runs as a background job (where the shell starts it with SIGINT ignored)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-POINTS = ["step 3", "block-done"]  # mid-shard (index unwritten), everything written but not yet renamed
 
 
 def temp_dirs(parent: Path) -> list[Path]:

@@ -93,8 +93,18 @@ class LoraEdit:
     module: "LoraModule"
     scale: float = 1.0  # on top of the module's own alpha/r: --scale, a calibrated lambda
 
+    @property
+    def s(self) -> float:
+        """The factor B @ A is multiplied by: the module's alpha/r times ``scale``."""
+        return self.module.scale * self.scale
+
     def apply(self, block: "torch.Tensor", r0: int, r1: int, ws: Workspace) -> None:
-        _lora_add(self.module, self.module.scale * self.scale, block, r0, r1, ws)
+        _lora_add(self.module, self.s, block, r0, r1, ws)
+
+
+def _transposed(m: "LoraModule") -> bool:
+    """Whether the stored weight holds (B @ A).T: an embedding, or a fan_in_fan_out weight."""
+    return m.kind == "embedding" or m.fan_in_fan_out
 
 
 def _lora_delta(m: "LoraModule", r0: int, r1: int, ws: Workspace, device: "torch.device") -> "torch.Tensor":
@@ -102,7 +112,7 @@ def _lora_delta(m: "LoraModule", r0: int, r1: int, ws: Workspace, device: "torch
     import torch
 
     A, B = ws.factors(m, device)
-    if m.kind == "embedding" or m.fan_in_fan_out:
+    if _transposed(m):
         d = ws.flat("delta", int(B.shape[0]) * (r1 - r0), torch.float32, device).view(int(B.shape[0]), r1 - r0)
         torch.matmul(B, A[:, r0:r1], out=d)
         return d.T
@@ -146,7 +156,7 @@ def _one_pass(rows: "torch.Tensor", edits: Sequence[Edit]) -> "LoraEdit | None":
     if len(edits) != 1 or type(edits[0]) is not LoraEdit or rows.dtype != torch.bfloat16:
         return None
     e = edits[0]
-    if e.module.kind == "embedding" or e.module.fan_in_fan_out or rows.device.type != "cpu" or not rows.is_contiguous():
+    if _transposed(e.module) or rows.device.type != "cpu" or not rows.is_contiguous():
         return None
     return e if kernels() is not None else None
 
@@ -178,7 +188,7 @@ class DoraEdit:
 
     @property
     def transposed(self) -> bool:
-        return self.module.kind == "embedding" or self.module.fan_in_fan_out
+        return _transposed(self.module)
 
     def prepare(self, n_rows: int, read_rows: Callable[[int, int], "torch.Tensor"], ws: Workspace) -> None:
         import torch
@@ -318,7 +328,7 @@ def merge_block(rows: "torch.Tensor", edits: Sequence[Edit], r0: int, ws: Worksp
     if one is not None:  # the same bits as below, in one pass over memory instead of four
         d = _lora_delta(one.module, r0, r1, ws, rows.device)
         out = torch.empty_like(rows) if fresh else ws.flat("out", rows.numel(), rows.dtype, rows.device).view(rows.shape)
-        kernels().add_scaled_bf16(rows.data_ptr(), d.data_ptr(), out.data_ptr(), rows.numel(), one.module.scale * one.scale)
+        kernels().add_scaled_bf16(rows.data_ptr(), d.data_ptr(), out.data_ptr(), rows.numel(), one.s)
         return out
     block = ws.flat("block", rows.numel(), torch.float32, rows.device).view(rows.shape)
     block.copy_(rows)

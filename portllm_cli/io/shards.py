@@ -11,6 +11,7 @@ are written; elsewhere (ext4, tmpfs) the ranges that hold no merged tensor are c
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sys
 import threading
@@ -50,7 +51,22 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages, do not wait
-_sync_file_range: Callable[[int, int, int, int], int] | None | bool = False  # False: not looked up yet
+
+
+@functools.cache
+def _sync_file_range() -> "Callable[[int, int, int, int], int] | None":
+    """libc's sync_file_range on Linux, else None (another OS, or a libc without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -61,21 +77,9 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     writes run while the rest is being merged, and the fsync finds little left to do instead of
     every page the dirty-memory limits let pile up. Advisory only: durability still comes from the
     fsync."""
-    global _sync_file_range
-    if _sync_file_range is False:
-        _sync_file_range = None
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-
-                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                _sync_file_range = fn
-            except (OSError, AttributeError):  # no libc symbol (an unusual libc)
-                pass
-    if _sync_file_range is not None and length > 0:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
+    fn = _sync_file_range()
+    if fn is not None and length > 0:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int | None = None) -> None:
