@@ -150,6 +150,36 @@ def test_blockwise_port_is_bit_identical_to_the_whole_tensor_merge(models, tmp_p
             assert (out / f.name).read_bytes()[:n] == f.read_bytes()[:n]
 
 
+def test_bf16_merges_read_the_source_in_place(models, tmp_path, monkeypatch):
+    """A bf16 model's merges go through the fused kernel reading the source shard through its
+    mapping (where the kernel is built and agrees with torch here), and write exactly what the port
+    through torch's operations writes."""
+    from portllm_cli.core import merge
+
+    if not getattr(merge.kernels(), "lora_fused", lambda: False)():
+        pytest.skip("no fused kernel here")
+    model = models["bfloat16"]
+    patch = make_patch(tmp_path / "p", model, "linear")
+    took = []
+    real = core.merge_buffer_stream
+
+    def spy(*a, **kw):
+        took.append(real(*a, **kw))
+        return took[-1]
+
+    monkeypatch.setattr(core, "merge_buffer_stream", spy)
+    fast = tmp_path / "fast"
+    core.port_merged(patch, resolve(str(model), kind="model"), fast, scale=SCALE, block_bytes=9 * 32 * 4)
+    assert took and all(took), took
+    monkeypatch.setattr(merge, "_KERNELS", [None])  # torch's matmul and operations, pread into buffers
+    took.clear()
+    slow = tmp_path / "slow"
+    core.port_merged(patch, resolve(str(model), kind="model"), slow, scale=SCALE, block_bytes=13 * 32 * 4)
+    assert not any(took)
+    for f in model.glob("*.safetensors"):
+        assert (fast / f.name).read_bytes() == (slow / f.name).read_bytes(), f.name
+
+
 def test_factors_in_the_models_dtype(models, tmp_path):
     """bf16 factors on a bf16 model: still one float32 sum (the factors are widened, not the sum narrowed)."""
     model = models["bfloat16"]
@@ -332,14 +362,13 @@ def test_every_written_byte_has_its_writeback_started(models, tmp_path, monkeypa
     the final fsync finds little left: every byte of every output shard is asked for, once."""
     monkeypatch.setenv("PORTLLM_NO_REFLINK", "1")  # the copy path, whatever the filesystem
     asked: dict[int, list[tuple[int, int]]] = {}
-    real = shards.start_writeback
+    real = shards.Writeback.__call__
 
-    def record(fd, offset, length):
+    def record(self, fd, offset, length):  # what is asked of the background writeback, as asked
         asked.setdefault(os.fstat(fd).st_ino, []).append((offset, offset + length))
-        real(fd, offset, length)
+        real(self, fd, offset, length)
 
-    monkeypatch.setattr(shards, "start_writeback", record)
-    monkeypatch.setattr(core, "start_writeback", record)
+    monkeypatch.setattr(shards.Writeback, "__call__", record)
     model = models["bfloat16"]
     out = tmp_path / "o"
     core.port_merged(make_patch(tmp_path / "p", model, "linear"), resolve(str(model), kind="model"), out, scale=SCALE)
@@ -366,6 +395,113 @@ def test_start_writeback_is_advisory(tmp_path):
         shards.start_writeback(fd, 0, 100)
     finally:
         os.close(fd)
+
+
+def test_writeback_runs_in_the_background_and_stops_at_close(tmp_path, monkeypatch):
+    """Requests return at once and run, in order, on one other thread; after close nothing runs
+    (the caller may close its descriptors), and later requests are ignored."""
+    import threading
+
+    ran: list[tuple[int, int, int, str]] = []
+    gate = threading.Event()
+
+    def slow(fd, offset, length):  # sync_file_range waiting on a full disk queue
+        gate.wait(5)
+        ran.append((fd, offset, length, threading.current_thread().name))
+
+    monkeypatch.setattr(shards, "start_writeback", slow)
+    wb = shards.Writeback()
+    if wb._fn is None:
+        pytest.skip("no sync_file_range here: Writeback does nothing")
+    for i in range(3):
+        wb(7, i * 10, 10)  # returns although the first request waits
+    assert ran == []
+    gate.set()
+    for _ in range(500):
+        if len(ran) == 3:
+            break
+        threading.Event().wait(0.01)
+    assert [r[:3] for r in ran] == [(7, 0, 10), (7, 10, 10), (7, 20, 10)]
+    assert {r[3] for r in ran} == {"portllm-writeback"}
+    gate.clear()
+    wb(7, 30, 10)  # running (or about to) while the gate is shut
+    wb(7, 31, 10)  # queued behind it: dropped at close
+    wb(7, 32, 10)
+    closer = threading.Thread(target=wb.close)
+    closer.start()
+    assert wb._closed.wait(5)
+    gate.set()
+    closer.join(5)
+    assert not closer.is_alive() and wb._thread is None
+    wb(7, 40, 10)  # after close: ignored
+    threading.Event().wait(0.05)
+    assert {r[1] for r in ran} <= {0, 10, 20, 30}
+
+
+def test_drop_mapped_returns_the_pages_read(tmp_path):
+    """Pages read through a mapping count in the resident set until dropped; drop_mapped gives them
+    back (the port reads merged tensors this way, so its memory must not grow with the model)."""
+    import mmap
+
+    def rss_file_kb() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+        pytest.skip("no RssFile in /proc/self/status")
+
+    if not os.path.exists("/proc/self/status") or not hasattr(mmap.mmap, "madvise"):
+        pytest.skip("Linux only")
+    f = tmp_path / "big"
+    size = 64 << 20
+    with open(f, "wb") as fh:
+        fh.write(os.urandom(1 << 20) * 64)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        mm = shards.map_readonly(fd)
+        assert mm is not None and len(mm) == size
+        before = rss_file_kb()
+        view = memoryview(mm)
+        total = sum(view[i] for i in range(0, size, mmap.PAGESIZE))  # touch every page
+        view.release()
+        grown = rss_file_kb() - before
+        assert grown > 48 << 10, grown  # KiB
+        shards.drop_mapped(mm, 0, size // 2 + 1)
+        half = rss_file_kb() - before
+        shards.drop_mapped(mm, size // 2 + 1, size)
+        assert rss_file_kb() - before < 4 << 10 < half < grown
+        assert sum(memoryview(mm)[i] for i in range(0, size, mmap.PAGESIZE)) == total  # still readable
+        mm.close()
+        empty = tmp_path / "empty"
+        empty.write_bytes(b"")
+        efd = os.open(empty, os.O_RDONLY)
+        try:
+            assert shards.map_readonly(efd) is None
+        finally:
+            os.close(efd)
+    finally:
+        os.close(fd)
+
+
+def test_a_source_truncated_under_its_mapping_is_refused(tmp_path):
+    """Merges read bf16 rows through a mapping of the source; a source that shrank since it was
+    mapped is refused with an IntegrityError before the mapping is touched (not a SIGBUS)."""
+    from portllm_cli.io.safetensors import save_tensors
+
+    W = torch.randn(64, 32).to(torch.bfloat16)
+    m = LoraModule("m", torch.randn(4, 32), torch.randn(64, 4), alpha=8.0)
+    src = tmp_path / "w.safetensors"
+    save_tensors(src, {"w": W})
+    info = read_header(src).tensors["w"]
+    dst = tmp_path / "o.safetensors"
+    shutil.copy(src, dst)
+    with open(src, "r+b") as s, open(dst, "r+b") as d:
+        mm = shards.map_readonly(s.fileno())
+        try:
+            os.ftruncate(s.fileno(), info.end - 1)
+            with pytest.raises(IntegrityError, match="ended before byte"):
+                core.merge_shard_tensor(s.fileno(), d.fileno(), info, [LoraEdit(m)], source=mm)
+        finally:
+            mm.close()
 
 
 def test_clone_falls_back_where_unsupported(tmp_path):

@@ -155,11 +155,11 @@ def test_port_disk_full(tmp_path, llama_dir, lora, monkeypatch):
     real = st.copy_range
     calls = {"n": 0}
 
-    def filling(src_fd, dst_fd, offset, length):
+    def filling(src_fd, dst_fd, offset, length, **kw):
         calls["n"] += 1
         if calls["n"] >= 3:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(src_fd, dst_fd, offset, length)
+        return real(src_fd, dst_fd, offset, length, **kw)
 
     monkeypatch.setattr(st, "copy_range", filling)
     (tmp_path / "neighbour").write_text("untouched")

@@ -18,6 +18,12 @@ their rows are columns of ``B @ A``: block ``[r0, r1)`` gets ``(B @ A[:, r0:r1])
 Rounding: the sum ``W + scale * B @ A`` is formed in float32 and rounded once to the stored
 dtype. PEFT's ``merge_and_unload`` on a bfloat16 model can round twice (the delta to bf16, then
 the sum); see the README for why one rounding is the closer answer.
+
+Compiled kernels (``portllm_cli._kernels``, optional): for one LoRA on a bf16 linear weight, the
+widen/scale/add/round after torch's matmul runs in one pass (``add_scaled_bf16``), and where the
+CPU allows, the rank-r product too (``lora_merge_bf16``: B @ A summed as an FMA chain, the order
+torch.matmul uses on x86-64 with MKL), only after ``_fused_agrees`` has seen torch.matmul give the
+same bits for that rank and row length. Either way the bits are torch's (``tests/test_kernels.py``).
 """
 
 from __future__ import annotations
@@ -72,6 +78,21 @@ class Workspace:
                 self._factors.pop(next(iter(self._factors)))
         self._factors[key] = hit  # holds A and B too, so their ids are not reused while cached
         return hit[2], hit[3]
+
+    def fused_factors(self, m: "LoraModule") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+        """m's A and B in float32, contiguous, in CPU memory, and A packed for the fused kernel
+        (``_packed``), all converted once per module like ``factors``."""
+        cpu = _cpu()
+        A, B = self.factors(m, cpu)
+        key = ("fused", id(A), A._version, id(B), B._version)
+        hit = self._factors.pop(key, None)
+        if hit is None:
+            Ac, Bc = A.contiguous(), B.contiguous()
+            hit = (A, B, Ac, Bc, _packed(Ac))
+            while len(self._factors) >= FACTOR_CACHE:
+                self._factors.pop(next(iter(self._factors)))
+        self._factors[key] = hit
+        return hit[2], hit[3], hit[4]
 
     def flat(self, tag: str, numel: int, dtype: "torch.dtype", device: "torch.device | None" = None) -> "torch.Tensor":
         """The first ``numel`` elements of this tag's buffer (grown, never shrunk): blocks of any
@@ -148,17 +169,88 @@ def kernels() -> "object | None":
     return _KERNELS[0]
 
 
-def _one_pass(rows: "torch.Tensor", edits: Sequence[Edit]) -> "LoraEdit | None":
-    """The edit to merge through the compiled kernel, where it applies: one LoRA on a linear weight
-    stored in bfloat16, contiguous rows in CPU memory (the rows of nearly every port)."""
+def _cpu() -> "torch.device":
     import torch
 
-    if len(edits) != 1 or type(edits[0]) is not LoraEdit or rows.dtype != torch.bfloat16:
+    return torch.device("cpu")
+
+
+def _packed(A: "torch.Tensor") -> "torch.Tensor":
+    """A (r, n) as the fused kernel reads it: tiles of 16 columns, each tile's r rows one contiguous
+    run (``packed[t, k, l] = A[k, 16 t + l]``); columns past the last whole tile are not in it."""
+    r, n = int(A.shape[0]), int(A.shape[1])
+    nv = n - n % 16
+    return A[:, :nv].reshape(r, nv // 16, 16).transpose(0, 1).contiguous()
+
+
+# (rank, row length) -> whether the fused kernel's rank-r product gave torch.matmul's bits here
+_PROBES: dict[tuple[int, int], bool] = {}
+# Rows of the probe: two of the AVX-512 code's 8-row tiles and three rows it takes one at a time.
+PROBE_ROWS = 19
+
+
+def _fused_agrees(r: int, n: int) -> bool:
+    """Whether, on this machine, the fused kernel's B @ A (an FMA chain over k = 0..r-1) has exactly
+    torch.matmul's bits for rank r and rows of n columns. That is what the port's bits (and their
+    equality with PEFT's, which uses torch.matmul) rest on, and torch does not promise a summation
+    order, so it is checked once per shape, on factors that expose any other order: random values
+    (another order changes about half the sums' last bits), a zero row of B against columns of A
+    that are negative throughout (the sign of an exact zero sum), and a row of products near the
+    subnormal range. Where they differ, the merge keeps torch.matmul."""
+    key = (r, n)
+    hit = _PROBES.get(key)
+    if hit is None:
+        import torch
+
+        g = torch.Generator().manual_seed(7919 * r + n)
+        B = torch.randn(PROBE_ROWS, r, generator=g)
+        A = torch.randn(r, n, generator=g)
+        B[1] = 0.0
+        A[:, ::3] = -A[:, ::3].abs()
+        B[2] *= 1e-20
+        want = torch.matmul(B, A)
+        got = torch.empty_like(want)
+        Ap = _packed(A)  # held here: the kernel gets its address only
+        kernels().lora_delta_f32(B.data_ptr(), A.data_ptr(), Ap.data_ptr(), got.data_ptr(), PROBE_ROWS, r, n)
+        hit = _PROBES[key] = bool(torch.equal(want.view(torch.int32), got.view(torch.int32)))
+    return hit
+
+
+def _fused(e: "LoraEdit", n_rows: int, row_len: int) -> bool:
+    """Whether the fused kernel merges ``e`` into rows of ``row_len`` bf16 elements, ``n_rows`` at
+    a time: the CPU has its instructions, the block is a matrix-matrix product for torch too (two
+    rows and two columns at least; one of either takes BLAS's vector path, another order), and
+    the probe agreed."""
+    fused = getattr(kernels(), "lora_fused", None)  # None: a build from before the fused kernel
+    if fused is None or not fused() or n_rows < 2 or row_len < 2:
+        return False
+    return _fused_agrees(int(e.module.A.shape[0]), row_len)
+
+
+def _one_lora_bf16(edits: Sequence[Edit], dtype: "torch.dtype") -> "LoraEdit | None":
+    """The edit to merge through the compiled kernels, where they apply: one LoRA on a linear
+    weight stored in bfloat16 (the rows of nearly every port), and the kernels were built."""
+    import torch
+
+    if len(edits) != 1 or type(edits[0]) is not LoraEdit or dtype != torch.bfloat16 or _transposed(edits[0].module):
         return None
-    e = edits[0]
-    if _transposed(e.module) or rows.device.type != "cpu" or not rows.is_contiguous():
+    return edits[0] if kernels() is not None else None
+
+
+def _one_pass(rows: "torch.Tensor", edits: Sequence[Edit]) -> "LoraEdit | None":
+    """``_one_lora_bf16`` for rows held in a tensor: contiguous, in CPU memory."""
+    if rows.device.type != "cpu" or not rows.is_contiguous():
         return None
-    return e if kernels() is not None else None
+    return _one_lora_bf16(edits, rows.dtype)
+
+
+def _merge_fused(e: "LoraEdit", w: object, offset: int, r0: int, r1: int, out: "torch.Tensor", ws: Workspace) -> None:
+    """Rows [r0, r1) of a bf16 weight merged with ``e`` into ``out`` by the fused kernel; the rows
+    are read from ``w`` (an address, or an object with the buffer protocol) at byte ``offset``."""
+    A, B, Ap = ws.fused_factors(e.module)
+    r, n = int(A.shape[0]), int(A.shape[1])
+    kernels().lora_merge_bf16(w, offset, B.data_ptr() + 4 * r0 * r, A.data_ptr(), Ap.data_ptr(), out.data_ptr(),
+                              r1 - r0, r, n, e.s)
 
 
 # Rows per step of DoRA's first pass over a transposed weight: fixed, so that the norms (and so
@@ -326,8 +418,11 @@ def merge_block(rows: "torch.Tensor", edits: Sequence[Edit], r0: int, ws: Worksp
     r1 = r0 + int(rows.shape[0])
     one = _one_pass(rows, edits)
     if one is not None:  # the same bits as below, in one pass over memory instead of four
-        d = _lora_delta(one.module, r0, r1, ws, rows.device)
         out = torch.empty_like(rows) if fresh else ws.flat("out", rows.numel(), rows.dtype, rows.device).view(rows.shape)
+        if rows.dim() == 2 and _fused(one, int(rows.shape[0]), int(rows.shape[1])):  # the rank-r product too
+            _merge_fused(one, rows.data_ptr(), 0, r0, r1, out, ws)
+            return out
+        d = _lora_delta(one.module, r0, r1, ws, rows.device)
         kernels().add_scaled_bf16(rows.data_ptr(), d.data_ptr(), out.data_ptr(), rows.numel(), one.s)
         return out
     block = ws.flat("block", rows.numel(), torch.float32, rows.device).view(rows.shape)
@@ -361,6 +456,37 @@ def merge_stream(
             prepare(n_rows, read_rows, ws)
     for r0, r1 in row_blocks(n_rows, rows_per_block):
         write_rows(r0, merge_block(read_rows(r0, r1), edits, r0, ws))
+
+
+def merge_buffer_stream(
+    buffer: object,
+    begin: int,
+    shape: Sequence[int],
+    dtype: "torch.dtype",
+    edits: Sequence[Edit],
+    write_rows: Callable[[int, "torch.Tensor"], None],
+    rows_per_block: int,
+    ws: Workspace | None = None,
+) -> bool:
+    """``merge_stream`` for a stored tensor lying in ``buffer`` (an object with the buffer protocol:
+    a read-only mmap of a shard) from byte ``begin``, where the fused kernel merges it: each block
+    of rows is read where it lies, with no copy, and merged in one pass. Returns False, having done
+    nothing, where that does not apply (``merge_stream`` then does). The bits are merge_stream's."""
+    if len(shape) != 2:
+        return False
+    n_rows, row_len = int(shape[0]), int(shape[1])
+    one = _one_lora_bf16(edits, dtype)
+    if one is None or n_rows < 2 or tuple(one.module.B.shape[:1]) + tuple(one.module.A.shape[1:]) != (n_rows, row_len):
+        return False  # not a fused merge, or not this tensor's factors (merge_stream reports it)
+    blocks = row_blocks(n_rows, rows_per_block)
+    if not _fused(one, min(r1 - r0 for r0, r1 in blocks), row_len):
+        return False
+    ws = ws or Workspace()
+    for r0, r1 in blocks:
+        out = ws.flat("out", (r1 - r0) * row_len, dtype).view(r1 - r0, row_len)
+        _merge_fused(one, buffer, begin + 2 * r0 * row_len, r0, r1, out, ws)
+        write_rows(r0, out)
+    return True
 
 
 def merge_tensor(

@@ -5,14 +5,17 @@ dtypes, shapes, offsets), so the shard layout, the index, the metadata and every
 identical to the target's. Each output shard is first the source shard: cloned where the filesystem
 shares extents (a reflink, no bytes copied), else its untargeted byte ranges copied by the kernel
 (``copy_file_range``, no user-space memory) in worker threads (``portllm_cli.io.shards``). Merge
-workers meanwhile stream each targeted tensor in row blocks: pread a block of rows from the
-*source*, merge it in float32 (``portllm_cli.core.merge``), pwrite it at its own offset. The
+workers meanwhile stream each targeted tensor in row blocks: read a block of rows from the
+*source*, merge it in float32 (``portllm_cli.core.merge``), pwrite it at its own offset. A bf16
+LoRA merge (nearly every port) reads its rows where they lie in a read-only mapping of the source
+shard, through the compiled fused kernel, and unmaps them once written; any other merge preads
+them into a buffer. Disk writes are started from a background thread as ranges are written. The
 patch is read lazily: its file is scanned once (sha256 checked, one digest per tensor kept), and
 each module's factors are read when its tensor is merged, refused unless they hash as scanned.
 
-Peak memory is the interpreter with torch plus a few blocks per merge worker (PORT_BLOCK_BYTES of
-float32 each) plus the factors of the tensors being merged, whatever the size of the model, of its
-shards, of its largest tensor or of the patch. Given a patch directory, the copies start as soon as
+Peak memory is the interpreter with torch plus a few blocks per merge worker (at most
+PORT_BLOCK_BYTES of float32 each) plus the factors of the tensors being merged, whatever the size
+of the model, of its shards, of its largest tensor or of the patch. Given a patch directory, the copies start as soon as
 the patch's names and shapes (from its header) are known to fit, so importing torch and reading and
 verifying the factors overlap them.
 
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from portllm_cli import __version__
 from portllm_cli.core.compat import CompatReport, check_compatibility
 from portllm_cli.core.config import PORT_BLOCK_BYTES, PortConfig
-from portllm_cli.core.merge import Edit, Workspace, block_rows, merge_stream, merge_tensor
+from portllm_cli.core.merge import Edit, Workspace, block_rows, merge_buffer_stream, merge_stream, merge_tensor
 from portllm_cli.core.progress import ProgressFn, counter, no_progress
 from portllm_cli.errors import IncompatibleError, IntegrityError, PortllmError, UnsupportedError
 from portllm_cli.io.atomic import atomic_output_dir, copy_file
@@ -54,7 +57,9 @@ from portllm_cli.io.shards import (
     Buffers,
     ShardCopier,
     clone_file,
+    drop_mapped,
     first_difference,
+    map_readonly,
     pread_into,
     pwrite_all,
     start_writeback,
@@ -75,6 +80,8 @@ from portllm_cli.patch.format import (
 from portllm_cli.resolve import Resolved, model_record
 
 if TYPE_CHECKING:
+    import mmap
+
     import torch
 
 PORT_RECORD = "portllm_port.json"
@@ -205,26 +212,35 @@ def _patch_record_id(patch: Patch, res: Resolved | None) -> str:
 
 class _torch_threads:
     """Share the cores between the merge workers (torch's thread count is per process); restore
-    the caller's setting after. The cyclic garbage collector pauses meanwhile: each block makes a
-    few short-lived tensor objects (no cycles), and a collection walks every object torch's import
-    created, a few percent of a port's CPU time for nothing."""
+    the caller's setting after."""
 
     def __enter__(self) -> None:
-        import gc
-
         import torch
 
         self._old = torch.get_num_threads()
         torch.set_num_threads(max(1, min(self._old, (os.cpu_count() or 1) // MERGE_WORKERS)))
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self._old)
+
+
+class _gc_paused:
+    """The cyclic garbage collector paused for a port, restored after. Importing torch creates
+    hundreds of thousands of objects, and the collections that triggers cost a tenth of the import
+    (which is on a port's critical path: no merge starts before it); each merged block then makes a
+    few short-lived objects (no cycles), and every collection would walk all of torch's again."""
+
+    def __enter__(self) -> None:
+        import gc
+
         self._gc = gc.isenabled()
         gc.disable()
 
     def __exit__(self, *exc: object) -> None:
         import gc
 
-        import torch
-
-        torch.set_num_threads(self._old)
         if self._gc:
             gc.enable()
 
@@ -304,24 +320,39 @@ def merge_shard_tensor(
     ws: Workspace | None = None,
     bufs: Buffers | None = None,
     tick: Callable[[int], None] | None = None,
+    writeback: Callable[[int, int, int], None] = start_writeback,
+    source: "mmap.mmap | None" = None,
 ) -> None:
-    """Merge one stored tensor of a shard into the output shard, a row block at a time: pread the
-    rows from the source, apply the edits (core.merge.merge_stream), pwrite the merged rows at the
-    same offset of the output. Memory is one block, whatever the tensor's size. The per-tensor step
-    of a port (tests/slow_port.py wraps it)."""
+    """Merge one stored tensor of a shard into the output shard, a row block at a time: read the
+    rows from the source, apply the edits (core.merge), pwrite the merged rows at the same offset
+    of the output, then start their disk write (``writeback``). Given ``source`` (a read-only
+    mapping of the source shard, ``io.shards.map_readonly``), a merge the fused kernel does reads
+    each block where it lies and unmaps it after; every other merge preads it into a buffer
+    (``merge_stream``). Memory is one block, whatever the tensor's size. The per-tensor step of a
+    port (tests/slow_port.py wraps it)."""
     if info.nbytes == 0:
         return
     ws, bufs = ws or Workspace(), bufs or Buffers()
     n_rows, row_bytes, _ = _row_layout(info)
+    rows_per_block = block_rows(info.shape or (1,), block_bytes)
 
     def write_rows(r0: int, t: "torch.Tensor") -> None:
         data = tensor_bytes(t)
-        pwrite_all(dst_fd, data, info.begin + r0 * row_bytes)
+        at = info.begin + r0 * row_bytes
+        pwrite_all(dst_fd, data, at)
+        if source is not None:
+            drop_mapped(source, at, at + len(data))
         if tick is not None:
             tick(len(data))
 
-    merge_stream(n_rows, _rows_reader(src_fd, info, bufs), write_rows, edits, block_rows(info.shape or (1,), block_bytes), ws)
-    start_writeback(dst_fd, info.begin, info.nbytes)
+    if source is not None and os.fstat(src_fd).st_size < info.end:
+        # read through the mapping, a truncated source would be a SIGBUS: refuse it first, as pread would
+        raise IntegrityError(f"the source shard ended before byte {info.end} while being read")
+    if source is None or not merge_buffer_stream(
+        source, info.begin, info.shape, torch_dtype(info.dtype), edits, write_rows, rows_per_block, ws
+    ):
+        merge_stream(n_rows, _rows_reader(src_fd, info, bufs), write_rows, edits, rows_per_block, ws)
+    writeback(dst_fd, info.begin, info.nbytes)
 
 
 def _port_safetensors_shards(
@@ -338,6 +369,7 @@ def _port_safetensors_shards(
     ckpt = plan.ckpt
     copier = ShardCopier(COPY_WORKERS, tick)
     fds: list[tuple[int, int]] = []
+    maps: dict[int, "mmap.mmap | None"] = {}  # source fd -> its read-only mapping, for the merges
     try:
         for f in ckpt.files:
             header = ckpt.headers[f]
@@ -361,32 +393,52 @@ def _port_safetensors_shards(
             if plan.targets != outline_targets:  # the factors must target what the copies left out
                 raise IntegrityError(f"{patch.path}: the patch changed while it was being read")
         targets = _targets(plan)
-        jobs = [(src, dst, t) for f, (src, dst) in zip(ckpt.files, fds) for t in targets.get(f, [])]
+        for f, (src, _) in zip(ckpt.files, fds):
+            if targets.get(f):
+                maps[src] = map_readonly(src)
+        jobs = _interleaved([[(src, dst, t, maps.get(src)) for t in targets.get(f, [])] for f, (src, dst) in zip(ckpt.files, fds)])
         with _torch_threads():
-            _run_merges(jobs, tick, block_bytes)
+            _run_merges(jobs, tick, block_bytes, copier.writeback)
         copier.wait()
         copier.fsync([dst for _, dst in fds])
     finally:
         copier.close()
+        for mm in maps.values():
+            if mm is not None:
+                mm.close()
         for src, dst in fds:
             os.close(src)
             os.close(dst)
     return patch, plan
 
 
-def _run_merges(jobs: list[tuple[int, int, _Target]], tick: Callable[[int], None], block_bytes: int) -> None:
-    """Merge and write the targeted tensors, MERGE_WORKERS at a time (torch releases the GIL), each
-    worker with its own bounded buffers (one block), reading each tensor's factors as it starts."""
+def _interleaved(per_file: list[list[Any]]) -> list[Any]:
+    """Jobs taken from each file in turn (each file's in its own order): side by side, merge
+    workers then mostly write to different files. Two writing into one file take turns on its
+    inode lock, and the kernel spins while waiting for it (7% of a worker's CPU time, measured)."""
+    out: list[Any] = []
+    for i in range(max((len(jobs) for jobs in per_file), default=0)):
+        out.extend(jobs[i] for jobs in per_file if i < len(jobs))
+    return out
+
+
+def _run_merges(
+    jobs: "list[tuple[int, int, _Target, mmap.mmap | None]]", tick: Callable[[int], None], block_bytes: int,
+    writeback: Callable[[int, int, int], None] = start_writeback,
+) -> None:
+    """Merge and write the targeted tensors (source fd, output fd, target, the source's mapping),
+    MERGE_WORKERS at a time (the kernels and torch release the GIL), each worker with its own
+    bounded buffers (one block), reading each tensor's factors as it starts."""
     from concurrent.futures import ThreadPoolExecutor
 
     local = threading.local()
 
-    def merge_one(job: tuple[int, int, _Target]) -> None:
-        src, dst, target = job
+    def merge_one(job: "tuple[int, int, _Target, mmap.mmap | None]") -> None:
+        src, dst, target, source = job
         if not hasattr(local, "ws"):
             local.ws, local.bufs = Workspace(), Buffers()
         merge_shard_tensor(src, dst, target.info, target.edits(), block_bytes=block_bytes, ws=local.ws,
-                           bufs=local.bufs, tick=tick)
+                           bufs=local.bufs, tick=tick, writeback=writeback, source=source)
 
     pool = ThreadPoolExecutor(max_workers=MERGE_WORKERS, thread_name_prefix="portllm-merge")
     try:
@@ -531,7 +583,8 @@ def port_merged(
     cfg = PortConfig.build(config, overrides)
     opened: list[Patch] = []  # lazily read patches keep their file open until the port ends
     try:
-        return _port_merged(patch, target, Path(out), cfg, progress or no_progress, opened)
+        with _gc_paused():
+            return _port_merged(patch, target, Path(out), cfg, progress or no_progress, opened)
     finally:
         for p in opened:
             p.close()
