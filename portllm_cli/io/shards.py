@@ -168,17 +168,35 @@ def map_readonly(fd: int) -> "mmap.mmap | None":
         return None
 
 
+@functools.cache
+def _pmd_bytes() -> int:
+    """The largest page a file mapping may use here (a huge page mapped by one page-middle-directory
+    entry: 2 MiB on x86-64), from the kernel where it says, else 2 MiB."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return max(int(f.read().strip()), 4096)
+    except (OSError, ValueError):
+        return 2 << 20
+
+
 def drop_mapped(mm: "mmap.mmap", begin: int, end: int) -> None:
     """Unmap ``[begin, end)`` of a read-only mapping from this process (``MADV_DONTNEED``; the data
     stays in the page cache and is mapped again if read again): pages read through a mapping count
-    in the process's resident set until then, which would grow with the model. Whole pages only,
-    those holding ``begin`` and ``end`` included. A no-op where madvise is missing (Windows)."""
+    in the process's resident set until then, which would grow with the model. The range is widened
+    to whole huge pages: where the page cache holds a file in huge folios (ext4 and XFS on recent
+    kernels), a read maps the whole 2 MiB folio around it, the part before ``begin`` included, and
+    dropping only ``[begin, end)`` left that part mapped (measured: RssFile grew ~40 KiB per 2 MiB
+    block read and dropped). Another thread reading nearby pages maps them again on its next read.
+    A no-op where madvise is missing (Windows)."""
     import mmap
 
     if not hasattr(mm, "madvise") or end <= begin:
         return
-    start = begin - begin % mmap.PAGESIZE
-    mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(mm)) - start)
+    unit = max(_pmd_bytes(), mmap.PAGESIZE)
+    start = begin - begin % unit
+    stop = min(len(mm), -(-end // unit) * unit)
+    if stop > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 def clone_file(src_fd: int, dst_fd: int) -> bool:
