@@ -482,6 +482,43 @@ def test_drop_mapped_returns_the_pages_read(tmp_path):
         os.close(fd)
 
 
+def test_reading_and_dropping_block_after_block_keeps_nothing_mapped(tmp_path):
+    """The port's pattern: blocks at unaligned offsets read through the mapping, each dropped once
+    written. Where the page cache maps a huge folio around a read, the part before the block must
+    go too: nothing may accumulate (it did, ~40 KiB a block, before drop_mapped widened its range)."""
+    import mmap
+
+    def rss_file_kb() -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+        pytest.skip("no RssFile in /proc/self/status")
+
+    if not os.path.exists("/proc/self/status") or not hasattr(mmap.mmap, "madvise"):
+        pytest.skip("Linux only")
+    f = tmp_path / "big"
+    with open(f, "wb") as fh:
+        fh.write(os.urandom(1 << 20) * 96)
+        fh.flush()
+        os.fsync(fh.fileno())
+        # out of the page cache, so that reading it back through the mapping brings it in as a
+        # model file is read: in the large folios readahead makes, where the kernel has them
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        mm = shards.map_readonly(fd)
+        before = rss_file_kb()
+        block, at = 2 << 20, 12_345
+        for _ in range(45):
+            assert len(mm[at : at + block]) == block
+            shards.drop_mapped(mm, at, at + block)
+            at += block
+        assert rss_file_kb() - before < 64, rss_file_kb() - before  # KiB
+        mm.close()
+    finally:
+        os.close(fd)
+
+
 def test_a_source_truncated_under_its_mapping_is_refused(tmp_path):
     """Merges read bf16 rows through a mapping of the source; a source that shrank since it was
     mapped is refused with an IntegrityError before the mapping is touched (not a SIGBUS)."""

@@ -176,12 +176,12 @@ class EvalConfig(_Config):
         self.batch  # noqa: B018  (raises on a bad --batch-size)
 
 
-# float32 bytes of one merge block in a port (a bf16 block of 2 MiB: the fused kernel holds only
-# that, the torch path the float32 block and its delta too): large enough that the per-block
-# Python and syscall overhead is small against the arithmetic (4 MiB took ~0.7 s less CPU than
-# 1 MiB on a 7.6 GB all-linear port, measured side by side), small enough that the worker's
-# buffers stay a few MiB. The bits do not depend on it (core.merge).
-PORT_BLOCK_BYTES = 4 << 20
+# float32 bytes of one merge block in a port: small enough that the block, its delta and its stored
+# rows stay in the CPU's caches between the read, the arithmetic and the write (torch's operations:
+# 4 MiB took a third more CPU than 1 MiB), large enough that each pread and pwrite moves a megabyte
+# or more. The fused kernel, which holds no float32 block, takes FUSED_BLOCKS times as many rows
+# (core.port). The bits do not depend on either (core.merge).
+PORT_BLOCK_BYTES = 1 << 20
 DORA_POLICIES = ("absolute", "relative")
 WHOLE_POLICIES = ("delta", "copy")
 

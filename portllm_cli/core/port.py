@@ -91,6 +91,10 @@ MERGEABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 COPY_WORKERS = max(1, min(4, os.cpu_count() or 1))
 # Merges of different tensors run side by side too; each holds a few row blocks.
 MERGE_WORKERS = max(1, min(2, os.cpu_count() or 1))
+# The fused kernel's blocks, in float32 blocks of block_bytes: it holds only its bf16 output (half
+# of one float32 block for each of them), and fewer, larger blocks cost less Python and fewer
+# syscalls (4 took ~0.7 s less CPU than 1 on a 7.6 GB all-linear port, measured side by side).
+FUSED_BLOCKS = 4
 
 
 @dataclass
@@ -335,6 +339,7 @@ def merge_shard_tensor(
     ws, bufs = ws or Workspace(), bufs or Buffers()
     n_rows, row_bytes, _ = _row_layout(info)
     rows_per_block = block_rows(info.shape or (1,), block_bytes)
+    fused_rows = block_rows(info.shape or (1,), FUSED_BLOCKS * block_bytes)
 
     def write_rows(r0: int, t: "torch.Tensor") -> None:
         data = tensor_bytes(t)
@@ -349,7 +354,7 @@ def merge_shard_tensor(
         # read through the mapping, a truncated source would be a SIGBUS: refuse it first, as pread would
         raise IntegrityError(f"the source shard ended before byte {info.end} while being read")
     if source is None or not merge_buffer_stream(
-        source, info.begin, info.shape, torch_dtype(info.dtype), edits, write_rows, rows_per_block, ws
+        source, info.begin, info.shape, torch_dtype(info.dtype), edits, write_rows, fused_rows, ws
     ):
         merge_stream(n_rows, _rows_reader(src_fd, info, bufs), write_rows, edits, rows_per_block, ws)
     writeback(dst_fd, info.begin, info.nbytes)
