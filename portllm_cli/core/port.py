@@ -15,9 +15,9 @@ each module's factors are read when its tensor is merged, refused unless they ha
 
 Peak memory is the interpreter with torch plus a few blocks per merge worker (at most
 PORT_BLOCK_BYTES of float32 each) plus the factors of the tensors being merged, whatever the size
-of the model, of its shards, of its largest tensor or of the patch. Given a patch directory, the copies start as soon as
-the patch's names and shapes (from its header) are known to fit, so importing torch and reading and
-verifying the factors overlap them.
+of the model, of its shards, of its largest tensor or of the patch. Given a patch directory, the
+copies start as soon as the patch's names and shapes (from its header) are known to fit, so
+importing torch and reading and verifying the factors overlap them.
 
 What is merged into which stored tensor (every part of the adapter, located through the
 model's layout) is ``portllm_cli.core.plan``: ``PortPlan.edits`` maps each targeted key to its
@@ -401,7 +401,8 @@ def _port_safetensors_shards(
         for f, (src, _) in zip(ckpt.files, fds):
             if targets.get(f):
                 maps[src] = map_readonly(src)
-        jobs = _interleaved([[(src, dst, t, maps.get(src)) for t in targets.get(f, [])] for f, (src, dst) in zip(ckpt.files, fds)])
+        jobs = _interleaved([[(src, dst, t, maps.get(src)) for t in targets.get(f, [])]
+                             for f, (src, dst) in zip(ckpt.files, fds)])
         with _torch_threads():
             _run_merges(jobs, tick, block_bytes, copier.writeback)
         copier.wait()
