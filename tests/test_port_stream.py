@@ -438,10 +438,12 @@ def test_writeback_runs_in_the_background_and_stops_at_close(tmp_path, monkeypat
     assert {r[1] for r in ran} <= {0, 10, 20, 30}
 
 
-def test_drop_mapped_returns_the_pages_read(tmp_path):
-    """Pages read through a mapping count in the resident set until dropped; drop_mapped gives them
-    back (the port reads merged tensors this way, so its memory must not grow with the model)."""
+def _rss_file_reader():
+    """A function giving this process's RssFile (KiB: file pages mapped), or a skip off Linux."""
     import mmap
+
+    if not os.path.exists("/proc/self/status") or not hasattr(mmap.mmap, "madvise"):
+        pytest.skip("Linux only")
 
     def rss_file_kb() -> int:
         for line in open("/proc/self/status"):
@@ -449,8 +451,15 @@ def test_drop_mapped_returns_the_pages_read(tmp_path):
                 return int(line.split()[1])
         pytest.skip("no RssFile in /proc/self/status")
 
-    if not os.path.exists("/proc/self/status") or not hasattr(mmap.mmap, "madvise"):
-        pytest.skip("Linux only")
+    return rss_file_kb
+
+
+def test_drop_mapped_returns_the_pages_read(tmp_path):
+    """Pages read through a mapping count in the resident set until dropped; drop_mapped gives them
+    back (the port reads merged tensors this way, so its memory must not grow with the model)."""
+    import mmap
+
+    rss_file_kb = _rss_file_reader()
     f = tmp_path / "big"
     size = 64 << 20
     with open(f, "wb") as fh:
@@ -486,16 +495,7 @@ def test_reading_and_dropping_block_after_block_keeps_nothing_mapped(tmp_path):
     """The port's pattern: blocks at unaligned offsets read through the mapping, each dropped once
     written. Where the page cache maps a huge folio around a read, the part before the block must
     go too: nothing may accumulate (it did, ~40 KiB a block, before drop_mapped widened its range)."""
-    import mmap
-
-    def rss_file_kb() -> int:
-        for line in open("/proc/self/status"):
-            if line.startswith("RssFile:"):
-                return int(line.split()[1])
-        pytest.skip("no RssFile in /proc/self/status")
-
-    if not os.path.exists("/proc/self/status") or not hasattr(mmap.mmap, "madvise"):
-        pytest.skip("Linux only")
+    rss_file_kb = _rss_file_reader()
     f = tmp_path / "big"
     with open(f, "wb") as fh:
         fh.write(os.urandom(1 << 20) * 96)
