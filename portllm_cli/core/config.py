@@ -178,7 +178,7 @@ class EvalConfig(_Config):
 
 # float32 bytes of one merge block in a port: small enough that the block, its delta and its stored
 # rows stay in the CPU's caches between the read, the arithmetic and the write (torch's operations:
-# 4 MiB took a third more CPU than 1 MiB), large enough that each pread and pwrite moves a megabyte
+# at 4 MiB they leave it), large enough that each pread and pwrite moves a megabyte
 # or more. The fused kernel, which holds no float32 block, takes FUSED_BLOCKS times as many rows
 # (core.port). The bits do not depend on either (core.merge).
 PORT_BLOCK_BYTES = 1 << 20
