@@ -1,9 +1,11 @@
-"""The one compiled piece of portllm: the bf16 merge step in one pass (portllm_cli/_kernels.c).
+"""The one compiled piece of portllm: a bf16 LoRA merge in one pass (portllm_cli/_kernels.c).
 
 Everything else about the package is in pyproject.toml. The extension is optional: where no C
 compiler (or no Python headers) is found the install goes on and portllm uses torch's operations,
-the same bits, more CPU time. No fused multiply-add may be generated: its single rounding would
-change bits against torch's separate multiply and add (tests/test_kernels.py checks).
+the same bits, more CPU time. The compiler may not contract a multiply and an add into one fused
+multiply-add: its single rounding would change bits against torch's separate scale and sum. The
+FMAs of the rank-r product, which torch's matmul does use, are written out explicitly in the
+source (tests/test_kernels.py checks both).
 """
 
 import sys

@@ -71,28 +71,33 @@ class Workspace:
         if A.dtype == torch.float32 and B.dtype == torch.float32 and A.device == device and B.device == device:
             return A, B
         key = (id(A), A._version, id(B), B._version, str(device))
-        hit = self._factors.pop(key, None)
-        if hit is None:
-            hit = (A, B, A.to(device=device, dtype=torch.float32), B.to(device=device, dtype=torch.float32))
-            while len(self._factors) >= FACTOR_CACHE:
-                self._factors.pop(next(iter(self._factors)))
-        self._factors[key] = hit  # holds A and B too, so their ids are not reused while cached
-        return hit[2], hit[3]
+        return self._cached(key, A, B, lambda: (A.to(device=device, dtype=torch.float32),
+                                                B.to(device=device, dtype=torch.float32)))
 
     def fused_factors(self, m: "LoraModule") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
         """m's A and B in float32, contiguous, in CPU memory, and A packed for the fused kernel
         (``_packed``), all converted once per module like ``factors``."""
-        cpu = _cpu()
-        A, B = self.factors(m, cpu)
+        import torch
+
+        A, B = self.factors(m, torch.device("cpu"))
         key = ("fused", id(A), A._version, id(B), B._version)
+
+        def convert() -> tuple:
+            Ac = A.contiguous()
+            return Ac, B.contiguous(), _packed(Ac)
+
+        return self._cached(key, A, B, convert)
+
+    def _cached(self, key: tuple, A: "torch.Tensor", B: "torch.Tensor", make: Callable[[], tuple]) -> tuple:
+        """``make()`` for this key, kept for the last FACTOR_CACHE keys. The entry holds A and B too,
+        so their ids (in the key) are not reused while it is cached."""
         hit = self._factors.pop(key, None)
         if hit is None:
-            Ac, Bc = A.contiguous(), B.contiguous()
-            hit = (A, B, Ac, Bc, _packed(Ac))
+            hit = (A, B, *make())
             while len(self._factors) >= FACTOR_CACHE:
                 self._factors.pop(next(iter(self._factors)))
         self._factors[key] = hit
-        return hit[2], hit[3], hit[4]
+        return hit[2:]
 
     def flat(self, tag: str, numel: int, dtype: "torch.dtype", device: "torch.device | None" = None) -> "torch.Tensor":
         """The first ``numel`` elements of this tag's buffer (grown, never shrunk): blocks of any
@@ -167,12 +172,6 @@ def kernels() -> "object | None":
                 mod = None
         _KERNELS.append(mod)
     return _KERNELS[0]
-
-
-def _cpu() -> "torch.device":
-    import torch
-
-    return torch.device("cpu")
 
 
 def _packed(A: "torch.Tensor") -> "torch.Tensor":

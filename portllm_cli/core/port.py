@@ -13,8 +13,9 @@ them into a buffer. Disk writes are started from a background thread as ranges a
 patch is read lazily: its file is scanned once (sha256 checked, one digest per tensor kept), and
 each module's factors are read when its tensor is merged, refused unless they hash as scanned.
 
-Peak memory is the interpreter with torch plus a few blocks per merge worker (at most
-PORT_BLOCK_BYTES of float32 each) plus the factors of the tensors being merged, whatever the size
+Peak memory is the interpreter with torch plus a few blocks per merge worker (PORT_BLOCK_BYTES of
+float32 each, or for the fused kernel one bf16 output block of FUSED_BLOCKS / 2 times that and the
+mapped source pages it is reading) plus the factors of the tensors being merged, whatever the size
 of the model, of its shards, of its largest tensor or of the patch. Given a patch directory, the
 copies start as soon as the patch's names and shapes (from its header) are known to fit, so
 importing torch and reading and verifying the factors overlap them.
@@ -343,18 +344,20 @@ def merge_shard_tensor(
 
     def write_rows(r0: int, t: "torch.Tensor") -> None:
         data = tensor_bytes(t)
-        at = info.begin + r0 * row_bytes
-        pwrite_all(dst_fd, data, at)
-        if source is not None:
-            drop_mapped(source, at, at + len(data))
+        pwrite_all(dst_fd, data, info.begin + r0 * row_bytes)
         if tick is not None:
             tick(len(data))
+
+    def write_mapped(r0: int, t: "torch.Tensor") -> None:  # and unmap the source rows just merged
+        write_rows(r0, t)
+        at = info.begin + r0 * row_bytes
+        drop_mapped(source, at, at + int(t.shape[0]) * row_bytes)
 
     if source is not None and os.fstat(src_fd).st_size < info.end:
         # read through the mapping, a truncated source would be a SIGBUS: refuse it first, as pread would
         raise IntegrityError(f"the source shard ended before byte {info.end} while being read")
     if source is None or not merge_buffer_stream(
-        source, info.begin, info.shape, torch_dtype(info.dtype), edits, write_rows, fused_rows, ws
+        source, info.begin, info.shape, torch_dtype(info.dtype), edits, write_mapped, fused_rows, ws
     ):
         merge_stream(n_rows, _rows_reader(src_fd, info, bufs), write_rows, edits, rows_per_block, ws)
     writeback(dst_fd, info.begin, info.nbytes)
